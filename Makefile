@@ -1,0 +1,19 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install first.
+VENV := .venv/bin
+.PHONY: install run test lint bench
+
+install:
+	bash scripts/install.sh
+
+run: install
+	$(VENV)/crosslm run configs/default.yaml
+
+test: install lint
+	$(VENV)/python -m pytest -q
+
+lint:
+	$(VENV)/ruff check src tests benchmarks
+	$(VENV)/ruff format --check src tests benchmarks
+
+bench: install
+	$(VENV)/python benchmarks/bench_main_job.py

@@ -1,0 +1,131 @@
+"""A CrossLM client: trains its own SLM on private data, uploads weights, adopts enhanced weights.
+
+Only the SLM's weights and declared metadata leave the client (see protocol.messages); texts, labels and
+per-example outputs never do. The global test split is an evaluation-only artefact of the simulation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crosslm.catalogue.models import load_slm
+from crosslm.client.trainer import evaluate, train_supervised
+from crosslm.config import ClientConfig
+from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
+from crosslm.task import LabelledTexts, TaskSpec
+
+
+@dataclass
+class ClientData:
+    train: LabelledTexts
+    test: LabelledTexts
+    global_test: LabelledTexts
+
+
+class Client:
+    def __init__(
+        self,
+        client_id: str,
+        slm: str,
+        task: TaskSpec,
+        data: ClientData,
+        cfg: ClientConfig,
+        *,
+        eval_batch_size: int,
+        max_payload_bytes: int,
+        seed: int,
+    ):
+        self.client_id = client_id
+        self.slm = slm
+        self.task = task
+        self.data = data
+        self.cfg = cfg
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self.max_payload_bytes = max_payload_bytes
+        self.model, self.tokenizer = load_slm(slm, list(task.labels))
+        self.round = 0
+        self.base_version = 0  # server update the current weights came from; 0 = pretrained
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
+        n = self.task.num_labels
+        return {
+            "local": evaluate(self.model, self.tokenizer, self.data.test, n, **kw),
+            "global": evaluate(self.model, self.tokenizer, self.data.global_test, n, **kw),
+        }
+
+    def local_round(self) -> tuple[WireMessage, dict[str, Any]]:
+        """Train E epochs on private data from the current weights, evaluate, and build the upload."""
+        self.round += 1
+        t0 = time.perf_counter()
+        loss = train_supervised(
+            self.model,
+            self.tokenizer,
+            self.data.train,
+            self.task.num_labels,
+            epochs=self.cfg.epochs,
+            lr=self.cfg.lr,
+            batch_size=self.cfg.batch_size,
+            max_length=self.cfg.max_length,
+            seed=self.seed * 1000 + self.round,
+            desc=f"{self.client_id} local round {self.round}",
+        )
+        metrics = self.evaluate()
+        upload = SLMUpload(
+            client_id=self.client_id,
+            slm=self.slm,
+            model_type=self.model.config.model_type,
+            model_config=model_config_dict(self.model),
+            labels=list(self.task.labels),
+            num_examples=len(self.data.train),
+            label_counts=self.data.train.label_counts(self.task.num_labels),
+            version=self.round,
+            base_version=self.base_version,
+            metrics=dict(metrics["local"]),
+            state_dict=self.model.state_dict(),
+        )
+        event = {
+            "event": "client_trained",
+            "client": self.client_id,
+            "round": self.round,
+            "base_version": self.base_version,
+            "train_loss": loss,
+            **metrics,
+            "seconds": time.perf_counter() - t0,
+        }
+        return encode(upload, dtype=self.cfg.upload_dtype), event
+
+    def receive_enhanced(self, wire: WireMessage) -> dict[str, Any]:
+        """Validate and adopt the server's enhanced SLM; record test accuracy before and after."""
+        msg = decode(
+            wire,
+            expected_labels=list(self.task.labels),
+            max_bytes=self.max_payload_bytes,
+            expected_type="slm_enhanced",
+        )
+        assert isinstance(msg, SLMEnhanced)
+        before = self.evaluate()
+        self.model.load_state_dict(msg.state_dict, strict=False)
+        self.base_version = msg.server_update
+        after = self.evaluate()
+        return {
+            "event": "enhanced",
+            "client": self.client_id,
+            "update": msg.server_update,
+            "before": before,
+            "after": after,
+        }
+
+    def save(self, path: Path) -> None:
+        """`AutoModelForSequenceClassification.from_pretrained(path)` loads it back."""
+        from crosslm.io import atomic_dir
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        atomic_dir(path, write)

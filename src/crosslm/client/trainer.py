@@ -1,0 +1,107 @@
+"""Training and inference of an SLM sequence classifier.
+
+One loop serves both local training (targets = one-hot labels of private data) and the server's
+distillation (targets = soft KD distributions over synthetic data): the loss is always the cross-entropy
+between a target distribution and the model's softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crosslm.evaluation.metrics import classification_metrics
+from crosslm.task import LabelledTexts
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean_i -sum_c targets[i,c] log softmax(logits)[i,c]; equals CE when targets are one-hot."""
+    return -(targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def _batches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def fit(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    targets: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    desc: str = "train",
+    weight_decay: float = 0.01,
+) -> float:
+    """Train `model` in place on (texts, target distributions). Returns the mean loss of the last epoch."""
+    if len(texts) == 0:
+        return float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total_steps, 1))
+    last = float("nan")
+    with tqdm(total=total_steps, desc=desc, leave=False, unit="step") as bar:
+        for _ in range(epochs):
+            losses = []
+            for idx in _batches(len(texts), batch_size, gen):
+                enc = tokenizer(
+                    [texts[i] for i in idx],
+                    truncation=True,
+                    max_length=max_length,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                logits = model(**enc).logits
+                loss = soft_cross_entropy(logits, targets[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            last = sum(losses) / len(losses)
+    model.eval()
+    return last
+
+
+def train_supervised(
+    model: Any, tokenizer: Any, data: LabelledTexts, num_labels: int, **kwargs: Any
+) -> float:
+    targets = torch.nn.functional.one_hot(torch.tensor(data.labels), num_labels).float()
+    return fit(model, tokenizer, data.texts, targets, **kwargs)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 128
+) -> torch.Tensor:
+    """Logits [N, C], batched by similar length so padding stays small."""
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), model.config.num_labels)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        out[idx] = model(**enc).logits.float()
+    return out
+
+
+def evaluate(
+    model: Any, tokenizer: Any, data: LabelledTexts, num_labels: int, **kwargs: Any
+) -> dict[str, float]:
+    preds = predict_logits(model, tokenizer, data.texts, **kwargs).argmax(-1).tolist()
+    return classification_metrics(data.labels, preds, num_labels)

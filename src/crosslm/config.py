@@ -1,0 +1,356 @@
+"""Every setting of a run, in one place: dataclasses with help text, loaded from YAML plus `--set` overrides.
+
+The resolved config is saved with every run (config.yaml in the run directory), so a result can always be
+traced back to the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosslm.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with help text (shown by `crosslm run --help-config`)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f(
+        "rotten-tomatoes",
+        "Catalogue name (see `crosslm datasets`), a Hugging Face dataset id, or a local CSV/JSONL/Parquet file.",
+    )
+    text_column: str = _f("text", "Text column, for Hugging Face ids and local files.")
+    label_column: str = _f("label", "Label column, for Hugging Face ids and local files.")
+    hf_split: str = _f("train", "Split to read from a Hugging Face dataset id.")
+    label_descriptions: dict = _f(
+        {}, "Optional label -> description d(y) used in generation prompts (non-catalogue datasets)."
+    )
+    generation_prompt: str = _f(
+        "", "Optional generation prompt template with {description}; empty = the task's default."
+    )
+    num_clients: int = _f(4, "Number of clients K.")
+    dirichlet_alpha: float = _f(
+        0.5, "Label skew: Dirichlet(alpha) over labels per client; smaller = more skewed."
+    )
+    train_per_client: int = _f(150, "Private training examples per client.")
+    test_per_client: int = _f(100, "Private test examples per client (same label mix as its training data).")
+    global_test_size: int = _f(500, "Size of the global test split, kept apart from every client.")
+    max_chars: int = _f(600, "Texts are cut to this many characters (long news articles).")
+
+
+@dataclass
+class ClientConfig:
+    slms: list = _f(
+        ["minilm-l6", "minilm-l6", "minilm-l3", "minilm-l3"],
+        "SLM per client (catalogue name, HF id or path); cycled if shorter than num_clients.",
+    )
+    speeds: list = _f(
+        [1.0, 1.5, 2.5, 4.0],
+        "Compute-time factor per client (virtual clock); cycled. Larger = slower.",
+    )
+    network_delays: list = _f(
+        [1.0, 2.0, 3.0, 5.0], "One-way network delay per client in virtual seconds; cycled."
+    )
+    epochs: int = _f(5, "Local epochs E per local round.")
+    lr: float = _f(5e-5, "Local learning rate (AdamW).")
+    batch_size: int = _f(16, "Local batch size.")
+    max_length: int = _f(128, "SLM max tokens per text.")
+    upload_dtype: str = _f("float16", "Weight dtype on the wire: float16 or float32.")
+
+
+@dataclass
+class LLMConfig:
+    model: str = _f("smollm2-135m-instruct", "Server LLM: catalogue name, HF id or local path.")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_targets: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Module names that get a LoRA adapter.",
+    )
+    max_text_tokens: int = _f(160, "Texts are cut to this many LLM tokens inside classification prompts.")
+
+
+@dataclass
+class GenerationConfig:
+    samples_per_label: int = _f(24, "N: samples generated per label per server update.")
+    batch_size: int = _f(24, "Generation batch size.")
+    max_new_tokens: int = _f(64, "Max generated tokens per sample.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(0.95, "Nucleus sampling p.")
+    min_words: int = _f(5, "Samples with fewer words are dropped.")
+
+
+@dataclass
+class FeedbackConfig:
+    gamma: float = _f(0.7, "Staleness discount in (0,1]: w_j proportional to n_j * gamma^s_j.")
+    prior_correction: bool = _f(True, "Logit-adjust each SLM by its client's label prior (Pitfall 1).")
+    tau: float = _f(0.6, "Quality threshold on q for S+ (and for the hard L_QG variant).")
+    max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
+
+
+@dataclass
+class TuneConfig:
+    steps: int = _f(6, "S: adapter optimisation steps per server update.")
+    batch_size: int = _f(8, "Generated samples per L_QG batch.")
+    task_batch_size: int = _f(4, "S+ examples per L_task batch.")
+    lr: float = _f(3e-4, "Adapter learning rate (AdamW).")
+    beta: float = _f(0.5, "Weight of the unlikelihood term for poor samples in L_QG.")
+    lambda_task: float = _f(1.0, "Weight of L_task (LLM as verbalizer classifier on S+).")
+    alpha: float = _f(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
+    hard: bool = _f(False, "Hard L_QG: q thresholded at tau.")
+
+
+@dataclass
+class DistillConfig:
+    epochs: int = _f(3, "Distillation epochs over S+ per enhancement.")
+    lr: float = _f(5e-5, "Distillation learning rate.")
+    batch_size: int = _f(16, "Distillation batch size.")
+    mu: float = _f(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
+    temperature: float = _f(2.0, "T: temperature of the ensemble's soft labels.")
+
+
+@dataclass
+class FederationConfig:
+    updates: int = _f(6, "U: the run ends after this many server updates.")
+    buffer_size: int = _f(1, "B: uploads per server update (1 = fully asynchronous).")
+    time_per_example: float = _f(0.05, "Virtual seconds per training example-epoch at speed 1.0.")
+    server_update_time: float = _f(30.0, "Virtual seconds one server update takes.")
+    max_payload_mb: float = _f(200.0, "Uploads larger than this are rejected.")
+
+
+@dataclass
+class EvalConfig:
+    llm_eval_size: int = _f(200, "Global-test examples used to measure the LLM's task accuracy.")
+    general_text_tokens: int = _f(8192, "Tokens of held-out general text for the LLM perplexity check.")
+    batch_size: int = _f(32, "Evaluation batch size.")
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "Seed for partitioning, sampling, training and the virtual clock.")
+    output_dir: str = _f("runs", "Parent folder of run directories.")
+    name: str = _f("", "Run directory name; empty = <dataset>-<timestamp>.")
+    threads: int = _f(0, "torch threads; 0 = torch's default.")
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientConfig = field(default_factory=ClientConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Coerce a YAML/CLI value to the field's declared type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}.")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}.")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}.") from None
+    if typ is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}.") from None
+    if typ is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}.")
+        return "" if value is None else str(value)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            )
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}.")
+        return value
+    if typ is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}.")
+        return value
+    if isinstance(typ, types.UnionType):
+        return value
+    return value
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        full = [k for k in known if k.split(".")[-1] == close[0]]
+        hint = f" Did you mean '{full[0]}'?"
+    return ConfigError(
+        f"unknown config key '{key}' in {where}.{hint} Known keys: {', '.join(sorted(known))}."
+    )
+
+
+def all_keys(cfg: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (for suggestions and `--help-config`)."""
+    cfg = cfg if cfg is not None else RunConfig()
+    keys = []
+    for f in dataclasses.fields(cfg):
+        val = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(val):
+            keys += all_keys(val, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _apply(cfg: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}."
+        )
+    hints = _hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise _unknown_key(full, all_keys(), where)
+        cur = getattr(cfg, key)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, value, where, full + ".")
+        else:
+            setattr(cfg, key, _coerce(value, hints[key], full))
+
+
+def set_override(cfg: RunConfig, assignment: str) -> None:
+    """Apply one `key.sub=value` override (value parsed as YAML: numbers, booleans, lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r} (e.g. --set federation.updates=3).")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+    _apply(cfg, node, "--set")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then each `--set key=value`; then validate."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        _apply(cfg, data, f"config file '{p}'")
+    for o in overrides or []:
+        set_override(cfg, o)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that name the field and what was expected."""
+
+    def need(cond: bool, key: str, expected: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: expected {expected}.")
+
+    d, c, g, fb, t, ds, fed = (
+        cfg.data,
+        cfg.clients,
+        cfg.generation,
+        cfg.feedback,
+        cfg.tune,
+        cfg.distill,
+        cfg.federation,
+    )
+    need(d.num_clients >= 1, "data.num_clients", "at least 1")
+    need(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "a positive number")
+    need(d.train_per_client >= 2, "data.train_per_client", "at least 2")
+    need(d.test_per_client >= 1, "data.test_per_client", "at least 1")
+    need(d.global_test_size >= 2, "data.global_test_size", "at least 2")
+    need(len(c.slms) >= 1, "clients.slms", "a non-empty list of SLM names")
+    need(len(c.speeds) >= 1 and all(float(s) > 0 for s in c.speeds), "clients.speeds", "positive numbers")
+    need(all(float(s) >= 0 for s in c.network_delays), "clients.network_delays", "non-negative numbers")
+    need(c.epochs >= 1, "clients.epochs", "at least 1")
+    need(c.upload_dtype in ("float16", "float32"), "clients.upload_dtype", "float16 or float32")
+    need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
+    need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
+    need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")
+    need(t.steps >= 0, "tune.steps", "0 or more")
+    need(t.alpha >= 0 and t.beta >= 0 and t.lambda_task >= 0, "tune.alpha", "non-negative loss weights")
+    need(0 <= ds.mu <= 1, "distill.mu", "a number in [0, 1]")
+    need(ds.temperature > 0, "distill.temperature", "a positive number")
+    need(fed.updates >= 1, "federation.updates", "at least 1")
+    need(1 <= fed.buffer_size <= d.num_clients, "federation.buffer_size", f"between 1 and {d.num_clients}")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def config_help() -> str:
+    """One line per key: name, default, help."""
+    lines = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            val = getattr(obj, f.name)
+            if dataclasses.is_dataclass(val):
+                walk(val, prefix + f.name + ".")
+            else:
+                lines.append(f"{prefix + f.name:32s} {val!r:>20}  {f.metadata.get('help', '')}")
+
+    walk(RunConfig(), "")
+    return "\n".join(lines)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from crosslm.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,51 @@
+"""The LLM's generality check: perplexity on held-out general English text it is never trained on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crosslm.server.llm_text import PairBatch, continuation_logprobs
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_tokens: int,
+    block: int = 256,
+    batch_size: int = 8,
+) -> tuple[float, int]:
+    """exp(mean NLL) over non-overlapping blocks of the concatenated texts, up to `max_tokens` tokens.
+    Returns (perplexity, number of scored tokens). Deterministic: same texts, same blocks."""
+    model.eval()
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False).input_ids
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= max_tokens + 1:
+            break
+    ids = ids[: max_tokens + 1]
+    blocks = [ids[i : i + block] for i in range(0, len(ids) - 1, block) if len(ids[i : i + block]) > 1]
+    nll, count = 0.0, 0
+    for s in tqdm(range(0, len(blocks), batch_size), desc="perplexity", leave=False):
+        chunk = blocks[s : s + batch_size]
+        width = max(len(b) for b in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(input_ids)
+        tmask = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
+        for i, b in enumerate(chunk):
+            input_ids[i, : len(b)] = torch.tensor(b)
+            attn[i, : len(b)] = 1
+            tmask[i, : len(b) - 1] = True
+        logp = continuation_logprobs(model, PairBatch(input_ids, attn, tmask))
+        nll -= float((logp * tmask).sum())
+        count += int(tmask.sum())
+    return math.exp(nll / max(count, 1)), count

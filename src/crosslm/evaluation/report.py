@@ -1,0 +1,629 @@
+"""Turns a run's metrics.jsonl events into report.md, three plots and a terminal summary.
+
+Every event type and field may be missing (interrupted run, 0 server updates, older logs), so all
+lookups go through tolerant helpers and absent values render as "n/a" instead of raising: a report
+is most needed exactly when a run went wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crosslm.io import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+NA = "n/a"
+PLOTS = {
+    "slm_global_accuracy.png": "SLM global accuracy per server update",
+    "llm_accuracy.png": "LLM accuracy (raw / calibrated) per server update",
+    "synthetic_quality.png": "Synthetic data quality per server update",
+}
+
+__all__ = ["write_report", "summary_table"]
+
+
+# --------------------------------------------------------------------------- tolerant accessors
+
+
+def _num(x: Any) -> float | None:
+    """A finite number or None, so NaN/None/strings in a log never reach arithmetic or formatting."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _get(d: Any, *keys: str) -> Any:
+    """Nested dict lookup that yields None on any missing level or non-dict."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _pct(x: Any) -> str:
+    v = _num(x)
+    return NA if v is None else f"{100 * v:.1f}"
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    v = _num(x)
+    return NA if v is None else f"{v:.{digits}f}"
+
+
+def _int(x: Any) -> str:
+    v = _num(x)
+    return NA if v is None else f"{int(v)}"
+
+
+def _pp(before: Any, after: Any) -> str:
+    """Difference of two fractions in percentage points, signed so improvements read as '+'."""
+    a, b = _num(before), _num(after)
+    return NA if a is None or b is None else f"{100 * (b - a):+.1f}"
+
+
+def _arrow(before: Any, after: Any) -> str:
+    return f"{_pct(before)} → {_pct(after)}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vs = [v for v in values if v is not None]
+    return sum(vs) / len(vs) if vs else None
+
+
+def _rel_change(start: Any, end: Any) -> str:
+    s, e = _num(start), _num(end)
+    if s is None or e is None or s == 0:
+        return NA
+    return f"{100 * (e / s - 1):+.1f}%"
+
+
+def _duration(seconds: Any) -> str:
+    s = _num(seconds)
+    return NA if s is None else f"{s:.0f} s ({s / 60:.1f} min)"
+
+
+def _cell(x: Any) -> str:
+    """Markdown table cell: pipes and newlines would break the table layout."""
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[Any]], align: str = "") -> str:
+    align = align.ljust(len(headers), "l")
+    sep = ["---:" if a == "r" else ":---:" if a == "c" else "---" for a in align]
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- event digestion
+
+
+@dataclass
+class _Run:
+    """The events grouped by type, in log order, plus the derived per-client view."""
+
+    run_start: dict[str, Any] = field(default_factory=dict)
+    run_end: dict[str, Any] | None = None
+    trained: list[dict[str, Any]] = field(default_factory=list)
+    uploads: list[dict[str, Any]] = field(default_factory=list)
+    llm_evals: list[dict[str, Any]] = field(default_factory=list)
+    perplexity: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    enhanced: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+    clients: list[str] = field(default_factory=list)
+    client_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        labels = self.run_start.get("labels")
+        return [str(x) for x in labels] if isinstance(labels, list) else []
+
+    @property
+    def interrupted(self) -> bool:
+        return self.run_end is None or bool(self.run_end.get("interrupted"))
+
+    @property
+    def n_updates(self) -> int:
+        n = _num(_get(self.run_end, "updates"))
+        return int(n) if n is not None else len(self.updates)
+
+    def standalone(self, client: str) -> dict[str, Any] | None:
+        """Round 1 is local training only: the baseline every later number is compared against."""
+        return next((e for e in self.trained if e.get("client") == client and e.get("round") == 1), None)
+
+    def final(self, client: str) -> dict[str, Any] | None:
+        """The 'after' metrics of the client's last enhancement, i.e. what the run ended with."""
+        last = None
+        for e in self.enhanced:
+            if e.get("client") == client and isinstance(e.get("after"), dict):
+                last = e
+        return last
+
+    def llm_zero_shot(self) -> dict[str, Any] | None:
+        return next((e for e in self.llm_evals if e.get("update") == 0), None)
+
+    def llm_final(self) -> dict[str, Any] | None:
+        """Last evaluation after at least one tuning step (update 0 is the zero-shot baseline)."""
+        tuned = [e for e in self.llm_evals if (_num(e.get("update")) or 0) > 0]
+        return tuned[-1] if tuned else None
+
+    def ppl(self, stage: str) -> dict[str, Any] | None:
+        hits = [e for e in self.perplexity if e.get("stage") == stage]
+        if not hits:
+            return None
+        return hits[0] if stage == "start" else hits[-1]
+
+
+def _digest(events: list[dict[str, Any]]) -> _Run:
+    run = _Run()
+    buckets = {
+        "client_trained": run.trained,
+        "upload": run.uploads,
+        "llm_eval": run.llm_evals,
+        "perplexity": run.perplexity,
+        "server_update": run.updates,
+        "enhanced": run.enhanced,
+    }
+    for e in events:
+        if not isinstance(e, dict):
+            continue
+        run.last = e
+        kind = e.get("event")
+        if kind == "run_start" and not run.run_start:
+            run.run_start = e
+        elif kind == "run_end":
+            run.run_end = e
+        elif kind in buckets:
+            buckets[kind].append(e)
+        if kind in ("upload", "server_update"):
+            run.timeline.append(e)
+    # Clients in run_start order, then any that only appear later (e.g. run_start missing).
+    for c in run.run_start.get("clients") or []:
+        if isinstance(c, dict) and c.get("client") is not None:
+            name = str(c["client"])
+            if name not in run.client_info:
+                run.clients.append(name)
+                run.client_info[name] = c
+    for e in run.trained + run.uploads + run.enhanced:
+        other = e.get("client")
+        if other is not None and str(other) not in run.client_info:
+            run.clients.append(str(other))
+            run.client_info[str(other)] = {"client": str(other)}
+    return run
+
+
+# --------------------------------------------------------------------------- report sections
+
+
+def _status(run: _Run) -> str:
+    if run.run_end is None:
+        t = _num(run.last.get("t"))
+        where = f" at virtual t={t:.0f} s" if t is not None else ""
+        return f"**interrupted / incomplete** (no run_end event; the log stops{where})"
+    return "**interrupted**" if run.run_end.get("interrupted") else "completed"
+
+
+def _summary(run: _Run, config: dict[str, Any]) -> str:
+    rs = run.run_start
+    dataset = rs.get("dataset") or _get(config, "data", "name") or _get(config, "data", "dataset") or NA
+    labels = ", ".join(run.labels) or NA
+    llm = rs.get("llm") or _get(config, "llm", "name") or NA
+    seed = rs.get("seed", config.get("seed", NA))
+    clients = (
+        ", ".join(f"{c} ({run.client_info[c].get('slm', NA)})" for c in run.clients)
+        if run.clients
+        else "none"
+    )
+    if run.run_end is not None and _num(run.run_end.get("wall")) is not None:
+        wall = _duration(run.run_end.get("wall"))
+    else:
+        wall = f"{_duration(run.last.get('wall'))} until the last logged event"
+    text = (
+        f"Dataset **{dataset}** (labels: {labels}), seed {seed}. "
+        f"{len(run.clients)} client(s): {clients}. Server LLM **{llm}**. "
+        f"{run.n_updates} server update(s); wall time {wall}. Status: {_status(run)}."
+    )
+    links = "\n".join(f"- [{title}](plots/{name})" for name, title in PLOTS.items())
+    return f"{text}\n\nPlots:\n\n{links}"
+
+
+def _label_counts(info: dict[str, Any]) -> str:
+    counts = info.get("label_counts")
+    return " / ".join(_int(c) for c in counts) if isinstance(counts, list) and counts else NA
+
+
+def _slm_section(run: _Run) -> str:
+    if not run.clients:
+        return "No clients were logged."
+    label_order = " / ".join(run.labels) if run.labels else "per label"
+    headers = [
+        "client",
+        "SLM",
+        "train / test",
+        f"label counts ({label_order})",
+        "standalone local acc",
+        "standalone local F1",
+        "standalone global acc",
+        "standalone global F1",
+        "final local acc",
+        "final local F1",
+        "final global acc",
+        "final global F1",
+        "Δ global acc (pp)",
+    ]
+    rows: list[list[Any]] = []
+    cols: list[list[float | None]] = [[] for _ in range(8)]
+    deltas: list[float | None] = []
+    for c in run.clients:
+        info = run.client_info[c]
+        base = run.standalone(c) or {}
+        fin = (run.final(c) or {}).get("after") or {}
+        vals = [
+            _get(base, "local", "accuracy"),
+            _get(base, "local", "macro_f1"),
+            _get(base, "global", "accuracy"),
+            _get(base, "global", "macro_f1"),
+            _get(fin, "local", "accuracy"),
+            _get(fin, "local", "macro_f1"),
+            _get(fin, "global", "accuracy"),
+            _get(fin, "global", "macro_f1"),
+        ]
+        for col, v in zip(cols, vals, strict=True):
+            col.append(_num(v))
+        b, f = _num(vals[2]), _num(vals[6])
+        deltas.append(None if b is None or f is None else f - b)
+        size = f"{_int(info.get('train_size'))} / {_int(info.get('test_size'))}"
+        rows.append(
+            [c, info.get("slm", NA), size, _label_counts(info), *map(_pct, vals), _pp(vals[2], vals[6])]
+        )
+    means = [_mean(col) for col in cols]
+    mean_delta = _mean(deltas)
+    rows.append(
+        ["**mean**", "", "", "", *map(_pct, means), NA if mean_delta is None else f"{100 * mean_delta:+.1f}"]
+    )
+    notes = (
+        "Accuracies and macro-F1 in %. *local* = the client's own test split, *global* = the shared "
+        "test set. *Standalone* = round 1 (local training only); *final* = after the client's last "
+        "enhancement (n/a if it was never enhanced). Means are over the clients that have a value; "
+        "the mean Δ only over clients with both."
+    )
+    return _md_table(headers, rows, "lllr" + "r" * 9) + "\n\n" + notes
+
+
+def _enhanced_section(run: _Run) -> str:
+    if not run.enhanced:
+        return "No client was enhanced (no `enhanced` events)."
+    rows = [
+        [
+            _int(e.get("update")),
+            e.get("client", NA),
+            _arrow(_get(e, "before", "local", "accuracy"), _get(e, "after", "local", "accuracy")),
+            _arrow(_get(e, "before", "global", "accuracy"), _get(e, "after", "global", "accuracy")),
+            _pp(_get(e, "before", "global", "accuracy"), _get(e, "after", "global", "accuracy")),
+        ]
+        for e in run.enhanced
+    ]
+    headers = [
+        "update",
+        "client",
+        "local acc % before → after",
+        "global acc % before → after",
+        "Δ global (pp)",
+    ]
+    return _md_table(headers, rows, "rlrrr")
+
+
+def _llm_section(run: _Run) -> str:
+    parts = []
+    if run.llm_evals:
+        rows = []
+        for e in sorted(run.llm_evals, key=lambda e: _num(e.get("update")) or 0):
+            upd = _int(e.get("update"))
+            rows.append(
+                [
+                    f"{upd} (zero-shot)" if e.get("update") == 0 else upd,
+                    _pct(e.get("raw_accuracy")),
+                    _pct(e.get("calibrated_accuracy")),
+                    _pct(e.get("raw_macro_f1")),
+                    _pct(e.get("calibrated_macro_f1")),
+                    _int(e.get("n")),
+                ]
+            )
+        headers = ["update", "raw acc", "calibrated acc", "raw macro-F1", "calibrated macro-F1", "n"]
+        parts.append(_md_table(headers, rows, "lrrrrr"))
+        zs, fin = run.llm_zero_shot(), run.llm_final()
+        if zs and fin:
+            parts.append(
+                f"Zero-shot → final (update {_int(fin.get('update'))}): raw accuracy "
+                f"{_arrow(zs.get('raw_accuracy'), fin.get('raw_accuracy'))} "
+                f"({_pp(zs.get('raw_accuracy'), fin.get('raw_accuracy'))} pp), calibrated "
+                f"{_arrow(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))} "
+                f"({_pp(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))} pp)."
+            )
+    else:
+        parts.append("No LLM evaluation was logged.")
+    start, end = run.ppl("start"), run.ppl("end")
+    s, p = (start or {}).get("perplexity"), (end or {}).get("perplexity")
+    end_txt = (
+        _fmt(p, 2) if end else f"{NA} (no end measurement{' — run interrupted' if run.interrupted else ''})"
+    )
+    parts.append(
+        f"Held-out perplexity: start {_fmt(s, 2)} → end {end_txt}; relative change {_rel_change(s, p)} "
+        f"(lower is better; tokens: {_int((start or {}).get('tokens'))} / {_int((end or {}).get('tokens'))})."
+    )
+    return "\n\n".join(parts)
+
+
+def _client_map(d: Any, fmt: str) -> str:
+    if not isinstance(d, dict) or not d:
+        return NA
+    return ", ".join(f"{k}: {fmt.format(v) if _num(v) is not None else NA}" for k, v in d.items())
+
+
+def _loss(d: Any) -> str:
+    if not isinstance(d, dict) or not d:
+        return NA
+    order = ["total", "qg", "task", "pr"]
+    keys = [k for k in order if k in d] + [k for k in d if k not in order]
+    return " · ".join(f"{k} {_num(d[k]):.4g}" if _num(d[k]) is not None else f"{k} {NA}" for k in keys)
+
+
+def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
+    tau = _num(_get(config, "feedback", "tau"))
+    tau_txt = f"{tau:g}" if tau is not None else NA
+    if not run.updates:
+        return "No server update happened (no `server_update` events), so no synthetic data was generated."
+    rows = []
+    for u in run.updates:
+        per_label = u.get("splus_per_label")
+        splus = _int(u.get("splus_size"))
+        if isinstance(per_label, list) and per_label:
+            splus += f" ({' / '.join(_int(x) for x in per_label)})"
+        trig = u.get("trigger_clients")
+        rows.append(
+            [
+                _int(u.get("update")),
+                ", ".join(map(str, trig)) if isinstance(trig, list) and trig else NA,
+                _int(u.get("generated")),
+                _int(u.get("kept")),
+                _fmt(u.get("mean_q")),
+                _pct(u.get("share_q_ge_tau")),
+                splus,
+                _fmt(u.get("distinct2")),
+                _loss(u.get("loss")),
+                _client_map(u.get("staleness"), "{:.0f}"),
+                _client_map(u.get("weights"), "{:.3f}"),
+                _fmt(u.get("gen_tokens_per_s"), 1),
+                _fmt(u.get("seconds"), 1),
+            ]
+        )
+    headers = [
+        "update",
+        "trigger clients",
+        "generated",
+        "kept",
+        "mean q",
+        f"share q ≥ τ (%, τ={tau_txt})",
+        "S+ size (per label)",
+        "distinct-2",
+        "loss",
+        "staleness",
+        "weight",
+        "gen tok/s",
+        "seconds",
+    ]
+    return _md_table(headers, rows, "rlrrrrrrlllrr")
+
+
+def _async_section(run: _Run) -> str:
+    if not run.timeline:
+        return "No uploads were logged."
+    rows = []
+    for e in run.timeline:
+        if e.get("event") == "upload":
+            accepted = e.get("accepted")
+            outcome = "accepted" if accepted else f"rejected: {e.get('reason') or 'no reason given'}"
+            if accepted is None:
+                outcome = NA
+            mb = _num(e.get("bytes"))
+            rows.append(
+                [
+                    _fmt(e.get("t"), 1),
+                    "upload",
+                    e.get("client", NA),
+                    _int(e.get("round")),
+                    _int(e.get("staleness")),
+                    outcome,
+                    NA if mb is None else f"{mb / 1e6:.1f}",
+                ]
+            )
+        else:
+            trig = e.get("trigger_clients")
+            rows.append(
+                [
+                    _fmt(e.get("t"), 1),
+                    f"**server update {_int(e.get('update'))}**",
+                    ", ".join(map(str, trig)) if isinstance(trig, list) else NA,
+                    "",
+                    _client_map(e.get("staleness"), "{:.0f}"),
+                    f"kept {_int(e.get('kept'))} / {_int(e.get('generated'))}",
+                    "",
+                ]
+            )
+    headers = ["t (virtual s)", "event", "client(s)", "round", "staleness", "outcome", "MB"]
+    order = " → ".join(f"{e.get('client', NA)} r{_int(e.get('round'))}" for e in run.uploads)
+    n_ok = sum(1 for e in run.uploads if e.get("accepted"))
+    head = (
+        f"{len(run.uploads)} upload(s), {n_ok} accepted. Upload order: {order or NA}.\n\n"
+        "Uploads and server updates in log order (virtual time), showing how clients interleave:"
+    )
+    return head + "\n\n" + _md_table(headers, rows, "rllrrlr")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _new_fig(title: str, ylabel: str) -> tuple[Figure, Any]:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # A bare Figure (no pyplot) renders with Agg, needs no display and is never registered in
+    # pyplot's global figure list, so nothing accumulates across calls.
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("server update")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, ax: Any, path: Path, empty_msg: str | None) -> None:
+    if empty_msg is not None:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, empty_msg, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    fig.clear()
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_slm(run: _Run, path: Path) -> None:
+    fig, ax = _new_fig("Client SLM accuracy on the global test set", "global accuracy (%)")
+    drawn = False
+    for c in run.clients:
+        pts: list[tuple[float, float]] = []
+        base = _num(_get(run.standalone(c), "global", "accuracy"))
+        if base is not None:
+            pts.append((0.0, 100 * base))
+        for e in run.enhanced:
+            x, y = _num(e.get("update")), _num(_get(e, "after", "global", "accuracy"))
+            if e.get("client") == c and x is not None and y is not None:
+                pts.append((x, 100 * y))
+        if pts:
+            pts.sort(key=lambda p: p[0])
+            slm = run.client_info[c].get("slm")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{c} ({slm})" if slm else c)
+            drawn = True
+    _save(fig, ax, path, None if drawn else "no client accuracy logged (run interrupted?)")
+
+
+def _plot_llm(run: _Run, path: Path) -> None:
+    fig, ax = _new_fig("Server LLM accuracy (update 0 = zero-shot)", "accuracy (%)")
+    evals = sorted(run.llm_evals, key=lambda e: _num(e.get("update")) or 0)
+    drawn = False
+    for key, label in (("raw_accuracy", "raw"), ("calibrated_accuracy", "calibrated")):
+        pts = [(_num(e.get("update")), _num(e.get(key))) for e in evals]
+        xy = [(x, 100 * y) for x, y in pts if x is not None and y is not None]
+        if xy:
+            ax.plot(*zip(*xy, strict=True), marker="o", label=label)
+            drawn = True
+    _save(fig, ax, path, None if drawn else "no LLM evaluation logged")
+
+
+def _plot_synthetic(run: _Run, tau: float | None, path: Path) -> None:
+    fig, ax = _new_fig("Synthetic data quality", "value")
+    share_label = f"share q ≥ τ (τ={tau:g})" if tau is not None else "share q ≥ τ"
+    drawn = False
+    for key, label in (("mean_q", "mean q"), ("share_q_ge_tau", share_label), ("distinct2", "distinct-2")):
+        pts = [(_num(u.get("update")), _num(u.get(key))) for u in run.updates]
+        xy = [(x, y) for x, y in pts if x is not None and y is not None]
+        if xy:
+            ax.plot(*zip(*xy, strict=True), marker="o", label=label)
+            drawn = True
+    if drawn and tau is not None:
+        ax.axhline(tau, color="grey", linestyle="--", linewidth=1, label="τ (threshold on q)")
+    _save(fig, ax, path, None if drawn else "no server update logged")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def write_report(run_dir: Path, events: list[dict], config: dict) -> Path:
+    """Write run_dir/report.md and run_dir/plots/*.png from the run's events; returns the report path.
+
+    Never raises on missing or partial events, so it can run after a crash or Ctrl-C.
+    """
+    run_dir = Path(run_dir)
+    config = config if isinstance(config, dict) else {}
+    run = _digest(events or [])
+    plots = run_dir / "plots"
+    tau = _num(_get(config, "feedback", "tau"))
+    _plot_slm(run, plots / "slm_global_accuracy.png")
+    _plot_llm(run, plots / "llm_accuracy.png")
+    _plot_synthetic(run, tau, plots / "synthetic_quality.png")
+
+    dataset = run.run_start.get("dataset") or "run"
+    sections = [
+        f"# CrossLM run report: {dataset}",
+        _summary(run, config),
+        "## Client SLMs: standalone vs. final",
+        _slm_section(run),
+        "## Enhancements",
+        _enhanced_section(run),
+        "## Server LLM",
+        _llm_section(run),
+        "## Synthetic data per server update",
+        _synthetic_section(run, config),
+        "## Asynchrony",
+        _async_section(run),
+        "## Plots",
+        "\n\n".join(f"![{title}](plots/{name})" for name, title in PLOTS.items()),
+        "## Configuration",
+        "<details><summary>resolved config</summary>\n\n```json\n"
+        + json.dumps(config, indent=2, sort_keys=True, default=str)
+        + "\n```\n\n</details>",
+    ]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path
+
+
+def summary_table(events: list[dict]) -> str:
+    """A compact fixed-width summary for the terminal: the headline numbers without opening the report."""
+    run = _digest(events or [])
+    rows = [["client", "SLM", "standalone", "final", "Δ pp"]]
+    base_all: list[float | None] = []
+    fin_all: list[float | None] = []
+    for c in run.clients:
+        b = _get(run.standalone(c), "global", "accuracy")
+        f = _get((run.final(c) or {}).get("after"), "global", "accuracy")
+        base_all.append(_num(b))
+        fin_all.append(_num(f))
+        rows.append([c, str(run.client_info[c].get("slm", NA)), _pct(b), _pct(f), _pp(b, f)])
+    if run.clients:
+        deltas = [f - b for b, f in zip(base_all, fin_all, strict=True) if b is not None and f is not None]
+        mean_delta = NA if not deltas else f"{100 * sum(deltas) / len(deltas):+.1f}"
+        rows.append(["mean", "", _pct(_mean(base_all)), _pct(_mean(fin_all)), mean_delta])
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["Client SLMs, global test accuracy (%)"]
+    for r in rows:
+        left = "  ".join(r[i].ljust(widths[i]) for i in range(2))
+        right = "  ".join(r[i].rjust(widths[i]) for i in range(2, 5))
+        lines.append(f"  {left}  {right}".rstrip())
+    zs, fin = run.llm_zero_shot() or {}, run.llm_final() or {}
+    fin_upd = f" (update {_int(fin.get('update'))})" if fin else ""
+    lines.append(
+        f"LLM accuracy (%), zero-shot → final{fin_upd}: raw {_arrow(zs.get('raw_accuracy'), fin.get('raw_accuracy'))}"
+        f", calibrated {_arrow(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))}"
+    )
+    s = (run.ppl("start") or {}).get("perplexity")
+    e = (run.ppl("end") or {}).get("perplexity")
+    lines.append(f"LLM held-out perplexity: {_fmt(s, 2)} → {_fmt(e, 2)} ({_rel_change(s, e)})")
+    status = "completed" if not run.interrupted else "INTERRUPTED / incomplete"
+    lines.append(f"Server updates: {run.n_updates}; status: {status}")
+    return "\n".join(lines)

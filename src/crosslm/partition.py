@@ -1,0 +1,140 @@
+"""The federation split: a global test set kept apart, and Dirichlet label-skewed private data per client.
+
+Each client's test split has the same label mix as its training split, so per-client accuracy measures the
+client on its own distribution, while the global test split measures it on the overall one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crosslm.errors import DataError
+from crosslm.task import LabelledTexts
+
+
+@dataclass
+class FederatedSplit:
+    train: list[LabelledTexts]
+    """Per client."""
+    test: list[LabelledTexts]
+    """Per client, same label mix as its train split."""
+    global_test: LabelledTexts
+    train_idx: list[list[int]] = field(default_factory=list)
+    """Indices into the partitioned data, so a run can record exactly which examples each client holds."""
+    test_idx: list[list[int]] = field(default_factory=list)
+    global_test_idx: list[int] = field(default_factory=list)
+
+
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts proportional to weights that sum exactly to total."""
+    share = weights / weights.sum() * total
+    counts = np.floor(share).astype(int)
+    rest = total - int(counts.sum())
+    if rest > 0:
+        order = np.argsort(-(share - counts), kind="stable")
+        counts[order[:rest]] += 1
+    return counts
+
+
+def _capped_counts(rng: np.random.Generator, p: np.ndarray, n: int, available: np.ndarray) -> np.ndarray:
+    """Multinomial(n, p) counts capped by availability; what a depleted label cannot give is redrawn over the
+    labels that still have examples, with p renormalised over them."""
+    counts = np.zeros_like(available)
+    need = n
+    while need > 0:
+        room = available - counts
+        q = np.where(room > 0, p, 0.0)
+        if q.sum() <= 0:  # p puts no mass on any label that is left: fall back to what is available
+            q = room.astype(float)
+        draw = rng.multinomial(need, q / q.sum())
+        counts += np.minimum(draw, room)
+        need = n - int(counts.sum())
+    return counts
+
+
+def federated_split(
+    data: LabelledTexts,
+    num_labels: int,
+    num_clients: int,
+    alpha: float,
+    train_per_client: int,
+    test_per_client: int,
+    global_test_size: int,
+    seed: int,
+    label_names: Sequence[str] | None = None,
+) -> FederatedSplit:
+    """Split data into a stratified global test set and num_clients Dirichlet(alpha)-skewed client splits.
+
+    All parts are disjoint by index, have exactly the requested sizes, and depend only on the seed.
+    """
+    if num_clients < 1:
+        raise DataError(f"num_clients is {num_clients}; a federation needs at least 1 client.")
+    if alpha <= 0:
+        raise DataError(f"dirichlet_alpha is {alpha}; it must be positive.")
+    if train_per_client < 1 or test_per_client < 0 or global_test_size < 0:
+        raise DataError(
+            f"split sizes must be train_per_client >= 1, test_per_client >= 0, global_test_size >= 0; got "
+            f"{train_per_client}, {test_per_client}, {global_test_size}."
+        )
+    names = list(label_names) if label_names is not None else [str(i) for i in range(num_labels)]
+    labels = np.asarray(data.labels, dtype=int)
+    bad = labels[(labels < 0) | (labels >= num_labels)]
+    if bad.size:
+        raise DataError(f"label id {int(bad[0])} is outside 0..{num_labels - 1} ({num_labels} labels).")
+    n_label = np.bincount(labels, minlength=num_labels)
+    empty = [names[c] for c in range(num_labels) if n_label[c] == 0]
+    if empty:
+        raise DataError(f"label '{empty[0]}' has no examples, so it cannot be partitioned.")
+    per_client = train_per_client + test_per_client
+    requested = num_clients * per_client + global_test_size
+    if requested > len(data):
+        raise DataError(
+            f"the split needs {requested} examples ({num_clients} clients x ({train_per_client} train + "
+            f"{test_per_client} test) + {global_test_size} global test) but the data has only {len(data)}."
+        )
+
+    rng = np.random.default_rng(seed)
+    # Per-label pools in random order; taking from the front of a pool is sampling without replacement.
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_labels)]
+
+    def take(counts: np.ndarray) -> list[list[int]]:
+        out = []
+        for c, k in enumerate(counts):
+            out.append([int(i) for i in pools[c][:k]])
+            pools[c] = pools[c][k:]
+        return out
+
+    global_idx = [
+        i for part in take(_largest_remainder(n_label.astype(float), global_test_size)) for i in part
+    ]
+    global_idx = [int(i) for i in rng.permutation(global_idx)] if global_idx else []
+
+    train_idx: list[list[int]] = []
+    test_idx: list[list[int]] = []
+    for _ in range(num_clients):
+        p = np.nan_to_num(rng.dirichlet(np.full(num_labels, alpha)), nan=0.0)
+        available = np.array([len(pool) for pool in pools])
+        by_label = take(_capped_counts(rng, p, per_client, available))
+        # Same label mix in train and test: split each label's share in the ratio test : train.
+        n_test = _largest_remainder(np.array([len(b) for b in by_label], dtype=float), test_per_client)
+        tr = [i for b, k in zip(by_label, n_test, strict=True) for i in b[k:]]
+        te = [i for b, k in zip(by_label, n_test, strict=True) for i in b[:k]]
+        train_idx.append([int(i) for i in rng.permutation(tr)])
+        test_idx.append([int(i) for i in rng.permutation(te)] if te else [])
+
+    return FederatedSplit(
+        train=[data.subset(ix) for ix in train_idx],
+        test=[data.subset(ix) for ix in test_idx],
+        global_test=data.subset(global_idx),
+        train_idx=train_idx,
+        test_idx=test_idx,
+        global_test_idx=global_idx,
+    )
+
+
+def label_histogram(parts: Sequence[LabelledTexts], num_labels: int) -> list[list[int]]:
+    """Label counts per part (rows = parts), for logs and the label-skew plot."""
+    return [part.label_counts(num_labels) for part in parts]

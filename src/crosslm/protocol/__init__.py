@@ -1,0 +1,29 @@
+"""Client <-> server wire protocol: JSON headers plus safetensors payloads, validated on receipt."""
+
+from crosslm.protocol.messages import (
+    ALLOWED_MODEL_TYPES,
+    MAX_PARAMS,
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    SLMEnhanced,
+    SLMUpload,
+    WireMessage,
+    build_model,
+    decode,
+    encode,
+    model_config_dict,
+)
+
+__all__ = [
+    "ALLOWED_MODEL_TYPES",
+    "MAX_PARAMS",
+    "PROTOCOL_VERSION",
+    "WIRE_DTYPES",
+    "SLMEnhanced",
+    "SLMUpload",
+    "WireMessage",
+    "build_model",
+    "decode",
+    "encode",
+    "model_config_dict",
+]

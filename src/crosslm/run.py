@@ -1,0 +1,184 @@
+"""The main job: one CrossLM run on one machine, from config to run directory.
+
+config -> data + federation split -> clients (local SLMs) -> server (LLM + LoRA) -> in-process runtime
+-> saved models, metrics.jsonl, synthetic.jsonl, report.md with plots.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosslm.catalogue.datasets import load_general_text, load_task_data
+from crosslm.catalogue.models import load_llm
+from crosslm.client.client import Client, ClientData
+from crosslm.config import RunConfig, save_config
+from crosslm.errors import CrossLMError
+from crosslm.evaluation.perplexity import perplexity
+from crosslm.evaluation.report import summary_table, write_report
+from crosslm.io import JsonlWriter, read_jsonl
+from crosslm.partition import federated_split
+from crosslm.runtime.inprocess import InProcessRuntime
+from crosslm.server.server import CrossLMServer
+from crosslm.server.tune_llm import add_lora
+from crosslm.task import LabelledTexts
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    name = cfg.name or f"{Path(cfg.data.dataset).stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output_dir) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CrossLMError(
+            f"output directory '{run_dir}' is not writable ({e.strerror}); set output_dir to a folder you can "
+            "write, e.g. --set output_dir=/tmp/crosslm-runs."
+        ) from None
+    if (run_dir / "metrics.jsonl").exists():
+        raise CrossLMError(
+            f"run directory '{run_dir}' already holds a run; choose another --set name=... so nothing is overwritten."
+        )
+    return run_dir
+
+
+class RunLog:
+    """metrics.jsonl writer that stamps each event with the virtual time and the wall time."""
+
+    def __init__(self, path: Path):
+        self.writer = JsonlWriter(path)
+        self.start = time.perf_counter()
+        self.t = 0.0
+
+    def set_clock(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.writer.write(
+            {**event, "t": round(self.t, 3), "wall": round(time.perf_counter() - self.start, 2)}
+        )
+
+
+def run(cfg: RunConfig) -> Path:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    d = cfg.data
+    task, data = load_task_data(d)
+    split = federated_split(
+        data,
+        task.num_labels,
+        d.num_clients,
+        d.dirichlet_alpha,
+        d.train_per_client,
+        d.test_per_client,
+        d.global_test_size,
+        cfg.seed,
+        label_names=list(task.labels),
+    )
+    general = load_general_text()
+    run_dir = make_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    log = RunLog(run_dir / "metrics.jsonl")
+    synthetic = JsonlWriter(run_dir / "synthetic.jsonl")
+    interrupted = completed = False
+    server: CrossLMServer | None = None
+    clients: list[Client] = []
+    try:
+        max_bytes = int(cfg.federation.max_payload_mb * 1024 * 1024)
+        for k in range(d.num_clients):
+            slm = str(cfg.clients.slms[k % len(cfg.clients.slms)])
+            clients.append(
+                Client(
+                    f"client-{k}",
+                    slm,
+                    task,
+                    ClientData(split.train[k], split.test[k], split.global_test),
+                    cfg.clients,
+                    eval_batch_size=cfg.eval.batch_size,
+                    max_payload_bytes=max_bytes,
+                    seed=cfg.seed * 101 + k,
+                )
+            )
+        log(
+            {
+                "event": "run_start",
+                "seed": cfg.seed,
+                "dataset": d.dataset,
+                "labels": list(task.labels),
+                "llm": cfg.llm.model,
+                "clients": [
+                    {
+                        "client": c.client_id,
+                        "slm": c.slm,
+                        "speed": float(cfg.clients.speeds[i % len(cfg.clients.speeds)]),
+                        "train_size": len(c.data.train),
+                        "test_size": len(c.data.test),
+                        "label_counts": c.data.train.label_counts(task.num_labels),
+                    }
+                    for i, c in enumerate(clients)
+                ],
+            }
+        )
+        llm, tok = load_llm(cfg.llm.model)
+        llm = add_lora(llm, cfg.llm)
+        eval_idx = list(range(min(cfg.eval.llm_eval_size, len(split.global_test))))
+        llm_eval = LabelledTexts(
+            [split.global_test.texts[i] for i in eval_idx], [split.global_test.labels[i] for i in eval_idx]
+        )
+        server = CrossLMServer(cfg, task, llm, tok, llm_eval, log=log, log_synthetic=synthetic.write)
+        _log_perplexity(log, llm, tok, general, cfg, "start", 0)
+        server.evaluate_llm(0)
+        InProcessRuntime(
+            clients, server, cfg.clients, cfg.federation, log=log, clock=log.set_clock, seed=cfg.seed
+        ).run()
+        _log_perplexity(log, llm, tok, general, cfg, "end", server.update)
+        completed = True
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        log(
+            {
+                "event": "run_end",
+                "updates": server.update if server else 0,
+                "wall": time.perf_counter() - log.start,
+                "interrupted": interrupted,
+            }
+        )
+        log.writer.close()
+        synthetic.close()
+        if completed:  # models are saved only from a finished run; everything written so far stays valid
+            for c in clients:
+                c.save(run_dir / "clients" / c.client_id)
+            if server is not None:
+                server.save_adapter(run_dir / "llm_adapter")
+        events = read_jsonl(run_dir / "metrics.jsonl")
+        write_report(run_dir, events, cfg.to_dict())
+    if interrupted:
+        raise KeyboardInterrupt
+    print(summary_table(events))
+    print(f"\nrun directory: {run_dir}\nreport: {run_dir / 'report.md'}")
+    return run_dir
+
+
+def _log_perplexity(
+    log: RunLog, llm: Any, tok: Any, texts: list[str], cfg: RunConfig, stage: str, update: int
+) -> None:
+    ppl, n = perplexity(llm, tok, texts, max_tokens=cfg.eval.general_text_tokens)
+    log({"event": "perplexity", "stage": stage, "update": update, "perplexity": ppl, "tokens": n})

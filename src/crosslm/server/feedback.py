@@ -1,0 +1,103 @@
+"""Step 4: the SLMs score the synthetic data, and the good, class-balanced set S+ is chosen.
+
+q(x, y) = sum_j w_j p_j(y | x) over the latest SLM of each client, w_j proportional to n_j * gamma^s_j.
+
+Pitfall 1: an SLM trained on label-skewed data scores toward its majority labels. Each client's
+probabilities are prior-corrected (logit adjustment: logits - log prior_j, the prior from the label counts
+the client declares), and S+ is selected per label so that it stays class-balanced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from crosslm.client.trainer import predict_logits
+
+
+@dataclass
+class ClientModel:
+    """The server's copy of client j's latest accepted SLM."""
+
+    client_id: str
+    slm: str
+    model: Any
+    tokenizer: Any
+    num_examples: int
+    label_counts: list[int]
+    base_version: int
+    """The server update the client's weights started from; staleness s_j = current update - base_version."""
+    round: int
+
+
+def staleness_weights(models: Sequence[ClientModel], current_update: int, gamma: float) -> dict[str, float]:
+    """w_j = n_j * gamma^s_j / sum_i n_i * gamma^s_i, with s_j = current_update - base_version_j."""
+    raw = {m.client_id: m.num_examples * gamma ** max(current_update - m.base_version, 0) for m in models}
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()}
+
+
+def log_prior(label_counts: Sequence[int]) -> torch.Tensor:
+    """log of the Laplace-smoothed label distribution of a client's training data."""
+    c = torch.tensor(label_counts, dtype=torch.float) + 1.0
+    return torch.log(c / c.sum())
+
+
+@dataclass
+class Feedback:
+    q: torch.Tensor  # [N] ensemble probability of the intended label
+    ensemble_probs: torch.Tensor  # [N, C] sum_j w_j p_j(.|x)
+    per_client: dict[str, torch.Tensor]  # client_id -> [N, C] p_j(.|x) (prior-corrected if enabled)
+
+    @property
+    def ensemble_logits(self) -> torch.Tensor:
+        return torch.log(self.ensemble_probs.clamp(min=1e-12))
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.ensemble_probs.argmax(-1)
+
+
+@torch.no_grad()
+def score(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    models: Sequence[ClientModel],
+    weights: dict[str, float],
+    *,
+    prior_correction: bool,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> Feedback:
+    per_client: dict[str, torch.Tensor] = {}
+    ens: torch.Tensor | None = None
+    for m in models:
+        logits = predict_logits(m.model, m.tokenizer, texts, batch_size=batch_size, max_length=max_length)
+        if prior_correction:
+            logits = logits - log_prior(m.label_counts)
+        p = torch.softmax(logits, dim=-1)
+        per_client[m.client_id] = p
+        ens = weights[m.client_id] * p if ens is None else ens + weights[m.client_id] * p
+    assert ens is not None, "score() needs at least one client model"
+    y = torch.tensor(list(labels), dtype=torch.long)
+    q = ens.gather(1, y.unsqueeze(1)).squeeze(1)
+    return Feedback(q=q, ensemble_probs=ens, per_client=per_client)
+
+
+def select_good(
+    labels: Sequence[int], feedback: Feedback, *, num_labels: int, tau: float, max_per_label: int
+) -> list[int]:
+    """S+: indices whose ensemble argmax is the intended label and q >= tau, the same count m per label
+    (m = the smallest label's count, capped), highest q first. Empty if some label has no candidate."""
+    y = torch.tensor(list(labels), dtype=torch.long)
+    ok = (feedback.predicted == y) & (feedback.q >= tau)
+    per_label = []
+    for c in range(num_labels):
+        idx = torch.nonzero(ok & (y == c)).flatten()
+        idx = idx[torch.argsort(feedback.q[idx], descending=True)]
+        per_label.append(idx.tolist())
+    m = min(min(len(p) for p in per_label), max_per_label)
+    return sorted(i for p in per_label for i in p[:m])

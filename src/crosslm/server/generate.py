@@ -1,0 +1,117 @@
+"""Step 3: the LLM writes labelled task data, x ~ G(. | P(y)), through its chat template.
+
+Samples are cleaned lightly (a preamble line like "Here is a review:" and a sentence cut off by the token
+limit are removed), then empty, too-short and duplicate texts (also against earlier updates) are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crosslm.config import GenerationConfig
+from crosslm.server.llm_text import user_prompt_ids
+from crosslm.task import TaskSpec
+
+_SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]?\s|[\"')\]]?$)")
+
+
+def content_hash(text: str) -> str:
+    norm = " ".join(text.lower().split())
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:16]
+
+
+def clean_sample(text: str, truncated: bool, min_words: int) -> str:
+    text = text.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]  # "Here is a short positive review:" preamble
+    text = " ".join(lines)
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    if truncated:
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        if ends and len(text[: ends[-1]].split()) >= min_words:
+            text = text[: ends[-1]]
+    return text.strip()
+
+
+@dataclass
+class GeneratedSample:
+    text: str
+    label: int
+    hash: str
+
+
+@dataclass
+class GenerationStats:
+    generated: int
+    kept: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@torch.no_grad()
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    task: TaskSpec,
+    cfg: GenerationConfig,
+    *,
+    seen: set[str],
+    seed: int,
+) -> tuple[list[GeneratedSample], GenerationStats]:
+    """cfg.samples_per_label samples for each label; `seen` (content hashes) is updated in place."""
+    torch.manual_seed(seed)
+    model.eval()
+    jobs = [y for y in range(task.num_labels) for _ in range(cfg.samples_per_label)]
+    prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
+    eos = tokenizer.eos_token_id
+    kept: list[GeneratedSample] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    with tqdm(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
+        for s in range(0, len(jobs), cfg.batch_size):
+            labels = jobs[s : s + cfg.batch_size]
+            seqs = [prompts[y] for y in labels]
+            width = max(len(p) for p in seqs)
+            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, p in enumerate(seqs):  # left padding: every prompt ends where generation starts
+                ids[i, width - len(p) :] = torch.tensor(p)
+                attn[i, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=0,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )[:, width:]
+            for y, row in zip(labels, out.tolist(), strict=True):
+                n = row.index(eos) + 1 if eos in row else len(row)
+                tokens += n
+                text = clean_sample(
+                    tokenizer.decode(row[:n], skip_special_tokens=True), eos not in row, cfg.min_words
+                )
+                h = content_hash(text)
+                if len(text.split()) < cfg.min_words or h in seen:
+                    continue
+                seen.add(h)
+                kept.append(GeneratedSample(text, y, h))
+            bar.update(len(labels))
+    stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0)
+    return kept, stats

@@ -1,0 +1,277 @@
+"""The CrossLM server: one update = generate -> feedback -> tune the LLM -> distil the SLMs.
+
+The server reacts to uploads as they arrive (fully asynchronous when buffer_size = 1). Each update
+enhances the SLMs of the clients whose uploads triggered it and returns them as wire messages; the
+runtime (in-process or Flower) decides when those messages reach their clients.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crosslm.catalogue.models import load_slm_tokenizer
+from crosslm.client.trainer import fit
+from crosslm.config import RunConfig
+from crosslm.errors import CrossLMError, ProtocolError
+from crosslm.evaluation.metrics import distinct_n
+from crosslm.protocol import (
+    SLMEnhanced,
+    SLMUpload,
+    WireMessage,
+    build_model,
+    decode,
+    encode,
+    model_config_dict,
+)
+from crosslm.server.feedback import ClientModel, score, select_good, staleness_weights
+from crosslm.server.generate import generate_samples
+from crosslm.server.losses import kd_targets
+from crosslm.server.tune_llm import tune_adapter
+from crosslm.server.verbalizer import evaluate_llm
+from crosslm.task import LabelledTexts, TaskSpec
+
+Logger = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class SyntheticExample:
+    text: str
+    label: int
+    hash: str
+    update: int  # the server update that generated it
+    llm_version: int  # adapter version that wrote it (= updates completed before)
+
+
+class CrossLMServer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        task: TaskSpec,
+        llm: Any,
+        tokenizer: Any,
+        llm_eval_data: LabelledTexts,
+        *,
+        log: Logger,
+        log_synthetic: Logger,
+    ):
+        self.cfg = cfg
+        self.task = task
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.llm_eval_data = llm_eval_data
+        self.log = log
+        self.log_synthetic = log_synthetic
+        self.models: dict[str, ClientModel] = {}
+        self.pending: list[str] = []
+        self.update = 0
+        self.pool: list[SyntheticExample] = []
+        self.seen: set[str] = set()
+        self.max_bytes = int(cfg.federation.max_payload_mb * 1024 * 1024)
+
+    # -- uploads -------------------------------------------------------------------------------------
+    def receive(self, wire: WireMessage) -> dict[str, Any]:
+        """Validate an upload and record it as its client's latest SLM. Never raises on bad input:
+        a rejected payload is reported in the returned event and the run goes on."""
+        event: dict[str, Any] = {"event": "upload", "bytes": len(wire), "accepted": False, "reason": None}
+        try:
+            msg = decode(
+                wire,
+                expected_labels=list(self.task.labels),
+                max_bytes=self.max_bytes,
+                expected_type="slm_upload",
+            )
+            assert isinstance(msg, SLMUpload)
+            event.update(client=msg.client_id, round=msg.version)
+            self.models[msg.client_id] = self._host(msg)
+        except (ProtocolError, CrossLMError) as e:
+            event["reason"] = str(e)
+            return event
+        event.update(accepted=True, staleness=max(self.update - msg.base_version, 0))
+        if msg.client_id not in self.pending:
+            self.pending.append(msg.client_id)
+        return event
+
+    def _host(self, msg: SLMUpload) -> ClientModel:
+        try:
+            tokenizer = load_slm_tokenizer(msg.slm)
+        except CrossLMError as e:
+            raise ProtocolError(
+                f"upload from {msg.client_id}: unknown SLM tokenizer '{msg.slm}' ({e})"
+            ) from None
+        model = build_model(msg.model_type, msg.model_config, len(self.task.labels))
+        model.load_state_dict(msg.state_dict, strict=False)
+        model.eval()
+        return ClientModel(
+            client_id=msg.client_id,
+            slm=msg.slm,
+            model=model,
+            tokenizer=tokenizer,
+            num_examples=msg.num_examples,
+            label_counts=list(msg.label_counts),
+            base_version=msg.base_version,
+            round=msg.version,
+        )
+
+    def ready(self) -> bool:
+        return len(self.pending) >= self.cfg.federation.buffer_size
+
+    # -- one server update ---------------------------------------------------------------------------
+    def step(self) -> list[tuple[str, WireMessage]]:
+        """Run one update for the buffered uploads; returns (client_id, enhanced SLM) messages."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        triggers = self.pending[: cfg.federation.buffer_size]
+        self.pending = self.pending[len(triggers) :]
+        self.update += 1
+        u = self.update
+        models = list(self.models.values())
+        weights = staleness_weights(models, u - 1, cfg.feedback.gamma)
+        staleness = {m.client_id: max(u - 1 - m.base_version, 0) for m in models}
+
+        # 3. generate
+        samples, gstats = generate_samples(
+            self.llm, self.tokenizer, self.task, cfg.generation, seen=self.seen, seed=cfg.seed * 100_003 + u
+        )
+        self.pool += [SyntheticExample(s.text, s.label, s.hash, u, u - 1) for s in samples]
+
+        # 4. feedback on the whole pool with the current ensemble (it improves as SLMs arrive)
+        texts = [e.text for e in self.pool]
+        labels = [e.label for e in self.pool]
+        fb = score(
+            texts,
+            labels,
+            models,
+            weights,
+            prior_correction=cfg.feedback.prior_correction,
+            batch_size=cfg.eval.batch_size,
+            max_length=cfg.clients.max_length,
+        )
+        good = select_good(
+            labels,
+            fb,
+            num_labels=self.task.num_labels,
+            tau=cfg.feedback.tau,
+            max_per_label=cfg.feedback.max_per_label,
+        )
+        new = range(len(self.pool) - len(samples), len(self.pool))
+        for i in new:
+            e = self.pool[i]
+            self.log_synthetic(
+                {
+                    "text": e.text,
+                    "label": self.task.labels[e.label],
+                    "q": float(fb.q[i]),
+                    "slm_probs": {cid: float(p[i, e.label]) for cid, p in fb.per_client.items()},
+                    "update": u,
+                    "llm_version": e.llm_version,
+                    "slm_versions": {m.client_id: m.round for m in models},
+                    "hash": e.hash,
+                }
+            )
+
+        # 5. tune the LLM adapter on this update's samples (L_QG, L_PR) and on S+ (L_task)
+        losses = tune_adapter(
+            self.llm,
+            self.tokenizer,
+            self.task,
+            [(self.pool[i].text, self.pool[i].label, float(fb.q[i])) for i in new],
+            [(texts[i], labels[i]) for i in good],
+            cfg.tune,
+            max_text_tokens=cfg.llm.max_text_tokens,
+            tau=cfg.feedback.tau,
+            seed=cfg.seed * 7919 + u,
+        )
+
+        # 6. distil S+ into the triggering clients' SLMs and send them back
+        responses = [
+            (cid, self._enhance(cid, good, texts, labels, fb.ensemble_logits, u)) for cid in triggers
+        ]
+
+        self.evaluate_llm(u)
+        new_q = fb.q[list(new)] if samples else torch.zeros(0)
+        per_label = [sum(1 for i in good if labels[i] == c) for c in range(self.task.num_labels)]
+        self.log(
+            {
+                "event": "server_update",
+                "update": u,
+                "trigger_clients": triggers,
+                "weights": weights,
+                "staleness": staleness,
+                "generated": gstats.generated,
+                "kept": gstats.kept,
+                "gen_tokens_per_s": gstats.tokens_per_s,
+                "distinct2": distinct_n([s.text for s in samples], 2),
+                "mean_q": float(new_q.mean()) if len(new_q) else float("nan"),
+                "share_q_ge_tau": float((new_q >= cfg.feedback.tau).float().mean())
+                if len(new_q)
+                else float("nan"),
+                "pool_size": len(self.pool),
+                "splus_size": len(good),
+                "splus_per_label": per_label,
+                "loss": losses,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        return responses
+
+    def _enhance(
+        self, cid: str, good: list[int], texts: list[str], labels: list[int], ens_logits: torch.Tensor, u: int
+    ) -> WireMessage:
+        """Distil S+ into a copy of client cid's latest SLM; the registry keeps the uploaded version."""
+        m = self.models[cid]
+        student = copy.deepcopy(m.model)
+        if good:
+            d = self.cfg.distill
+            targets = kd_targets(
+                torch.tensor([labels[i] for i in good]), ens_logits[good], mu=d.mu, temperature=d.temperature
+            )
+            fit(
+                student,
+                m.tokenizer,
+                [texts[i] for i in good],
+                targets,
+                epochs=d.epochs,
+                lr=d.lr,
+                batch_size=d.batch_size,
+                max_length=self.cfg.clients.max_length,
+                seed=self.cfg.seed * 31 + u,
+                desc=f"distil {cid}",
+            )
+        return encode(
+            SLMEnhanced(
+                client_id=cid,
+                slm=m.slm,
+                model_type=student.config.model_type,
+                model_config=model_config_dict(student),
+                labels=list(self.task.labels),
+                server_update=u,
+                state_dict=student.state_dict(),
+            ),
+            dtype=self.cfg.clients.upload_dtype,
+        )
+
+    def evaluate_llm(self, update: int) -> dict[str, Any]:
+        metrics = evaluate_llm(
+            self.llm,
+            self.tokenizer,
+            self.task,
+            self.llm_eval_data,
+            max_text_tokens=self.cfg.llm.max_text_tokens,
+            batch_size=self.cfg.eval.batch_size,
+        )
+        event = {"event": "llm_eval", "update": update, **metrics}
+        self.log(event)
+        return event
+
+    def save_adapter(self, path: Path) -> None:
+        """peft `save_pretrained`; `PeftModel.from_pretrained(base, path)` loads it back."""
+        from crosslm.io import atomic_dir
+
+        atomic_dir(path, lambda tmp: self.llm.save_pretrained(tmp))

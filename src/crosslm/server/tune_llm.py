@@ -1,0 +1,99 @@
+"""Step 5: tune the LLM's LoRA adapter for S steps on L = L_QG + lambda_task * L_task + alpha * L_PR.
+
+theta0 is the frozen base (the adapter disabled), so L_PR needs no second copy of the model. L_PR is
+computed on the L_QG batch, over every non-padding token position (prompt and generated text).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crosslm.config import LLMConfig, TuneConfig
+from crosslm.server.llm_text import (
+    answer_ids,
+    gather_logprobs,
+    next_token_logits,
+    pair_batch,
+    user_prompt_ids,
+)
+from crosslm.server.losses import probability_regularizer, quality_guided_loss, task_loss
+from crosslm.server.verbalizer import label_scores
+from crosslm.task import TaskSpec
+
+
+def add_lora(model: Any, cfg: LLMConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t for t in cfg.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def tune_adapter(
+    model: Any,
+    tokenizer: Any,
+    task: TaskSpec,
+    generated: Sequence[tuple[str, int, float]],
+    good: Sequence[tuple[str, int]],
+    cfg: TuneConfig,
+    *,
+    max_text_tokens: int,
+    tau: float,
+    seed: int,
+) -> dict[str, float]:
+    """One server update's adapter tuning. `generated` = (text, label, q); `good` = S+ as (text, label).
+    Returns the mean of each loss term over the steps."""
+    if cfg.steps == 0 or not generated:
+        return {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
+    rng = random.Random(seed)
+    prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sums = {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
+    model.train()
+    for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
+        rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
+        batch = pair_batch(
+            [prompts[y] for _, y, _ in rows],
+            [answer_ids(tokenizer, t) for t, _, _ in rows],
+            tokenizer.pad_token_id,
+        )
+        q = torch.tensor([qq for _, _, qq in rows], dtype=torch.float)
+        logits = next_token_logits(model, batch)
+        l_qg = quality_guided_loss(
+            gather_logprobs(logits, batch), batch.target_mask, q, beta=cfg.beta, hard=cfg.hard, tau=tau
+        )
+        loss = l_qg
+        l_pr = torch.zeros(())
+        if cfg.alpha > 0:
+            with torch.no_grad(), model.disable_adapter():
+                base = next_token_logits(model, batch)
+            l_pr = probability_regularizer(logits, base, batch.attention_mask[:, 1:].bool())
+            loss = loss + cfg.alpha * l_pr
+        l_task = torch.zeros(())
+        if cfg.lambda_task > 0 and good:
+            picked = rng.sample(list(good), min(cfg.task_batch_size, len(good)))
+            scores = label_scores(
+                model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
+            )
+            l_task = task_loss(scores, torch.tensor([y for _, y in picked]))
+            loss = loss + cfg.lambda_task * l_task
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k, v in (("total", loss), ("qg", l_qg), ("task", l_task), ("pr", l_pr)):
+            sums[k] += float(v.detach()) / cfg.steps
+    model.eval()
+    return sums

@@ -1,0 +1,86 @@
+"""The LLM as a classifier: score each whole label string as the assistant's answer (Pitfall 2).
+
+Raw prediction = argmax_c log p(verbalizer_c | prompt(x)). Small LLMs carry a strong label-word bias, so we
+also report contextual calibration (Zhao et al., 2021): divide by the label distribution the model gives
+to content-free inputs. The same scoring, with gradients, is L_task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from crosslm.evaluation.metrics import classification_metrics
+from crosslm.server.llm_text import (
+    answer_ids,
+    continuation_logprobs,
+    pair_batch,
+    truncate_text,
+    user_prompt_ids,
+)
+from crosslm.task import LabelledTexts, TaskSpec
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def label_scores(
+    model: Any,
+    tokenizer: Any,
+    task: TaskSpec,
+    texts: Sequence[str],
+    *,
+    max_text_tokens: int = 160,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """[N, C] summed log-probabilities of each label string (differentiable when grad is enabled)."""
+    answers = [answer_ids(tokenizer, v) for v in task.verbalizer]
+    prompts = [
+        user_prompt_ids(tokenizer, task.classify_prompt(truncate_text(tokenizer, t, max_text_tokens)))
+        for t in texts
+    ]
+    contexts = [p for p in prompts for _ in answers]
+    conts = [a for _ in prompts for a in answers]
+    out = []
+    starts = range(0, len(contexts), batch_size)
+    for s in tqdm(starts, desc="LLM label scores", leave=False, disable=not progress):
+        batch = pair_batch(contexts[s : s + batch_size], conts[s : s + batch_size], tokenizer.pad_token_id)
+        logp = continuation_logprobs(model, batch)
+        out.append((logp * batch.target_mask).sum(-1))
+    return torch.cat(out).view(len(texts), len(answers))
+
+
+def calibrated(scores: torch.Tensor, content_free_scores: torch.Tensor) -> torch.Tensor:
+    """log softmax(scores) - log p_cf, p_cf = mean label distribution on content-free inputs."""
+    p_cf = torch.softmax(content_free_scores, dim=-1).mean(0)
+    return torch.log_softmax(scores, dim=-1) - torch.log(p_cf)
+
+
+@torch.no_grad()
+def evaluate_llm(
+    model: Any, tokenizer: Any, task: TaskSpec, data: LabelledTexts, *, max_text_tokens: int, batch_size: int
+) -> dict[str, float]:
+    """Raw and calibrated accuracy / macro-F1 of the LLM on `data`."""
+    model.eval()
+    scores = label_scores(
+        model,
+        tokenizer,
+        task,
+        data.texts,
+        max_text_tokens=max_text_tokens,
+        batch_size=batch_size,
+        progress=True,
+    )
+    cf = label_scores(model, tokenizer, task, list(CONTENT_FREE), batch_size=batch_size)
+    raw = classification_metrics(data.labels, scores.argmax(-1).tolist(), task.num_labels)
+    cal = classification_metrics(data.labels, calibrated(scores, cf).argmax(-1).tolist(), task.num_labels)
+    return {
+        "raw_accuracy": raw["accuracy"],
+        "raw_macro_f1": raw["macro_f1"],
+        "calibrated_accuracy": cal["accuracy"],
+        "calibrated_macro_f1": cal["macro_f1"],
+        "n": len(data),
+    }

@@ -1,0 +1,85 @@
+"""Tiny, locally built models and tokenizers for tests of mechanics (never downloaded)."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+
+def make_tokenizer(chat: bool = True):
+    """A character-level fast tokenizer with pad/eos/unk tokens and an optional ChatML-like template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "[CLS]": 3, "[SEP]": 4}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    if chat:
+        tok.chat_template = (
+            "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}"
+        )
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+def make_llm(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llm(tiny_tokenizer):
+    return make_llm(len(tiny_tokenizer))
+
+
+def make_classifier(kind: str, vocab_size: int, num_labels: int = 2, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    common = {"vocab_size": vocab_size, "num_labels": num_labels, "pad_token_id": 0}
+    if kind == "bert":
+        cfg = AutoConfig.for_model(
+            "bert", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common
+        )
+    elif kind == "distilbert":
+        cfg = AutoConfig.for_model("distilbert", dim=16, n_layers=2, n_heads=2, hidden_dim=32, **common)
+    elif kind == "roberta":
+        cfg = AutoConfig.for_model(
+            "roberta",
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=600,
+            **common,
+        )
+    else:
+        raise ValueError(kind)
+    return AutoModelForSequenceClassification.from_config(cfg).eval()

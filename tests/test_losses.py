@@ -1,0 +1,176 @@
+"""The CrossLM objective on a tiny random Llama with a real LoRA adapter."""
+
+from __future__ import annotations
+
+import torch
+
+from crosslm.config import LLMConfig
+from crosslm.server.llm_text import (
+    answer_ids,
+    continuation_logprobs,
+    gather_logprobs,
+    next_token_logits,
+    pair_batch,
+    user_prompt_ids,
+)
+from crosslm.server.losses import (
+    kd_targets,
+    probability_regularizer,
+    quality_guided_loss,
+    sequence_terms,
+    task_loss,
+)
+from crosslm.server.tune_llm import add_lora
+
+
+def _lora(model):
+    return add_lora(model, LLMConfig(lora_r=4, lora_alpha=8, lora_targets=["q_proj", "v_proj", "gate_proj"]))
+
+
+def _batch(tok, pairs):
+    return pair_batch(
+        [user_prompt_ids(tok, p) for p, _ in pairs], [answer_ids(tok, x) for _, x in pairs], tok.pad_token_id
+    )
+
+
+def test_target_mask_covers_only_generated_tokens(tiny_tokenizer):
+    b = _batch(tiny_tokenizer, [("write", "abc"), ("write a longer prompt", "xy")])
+    # continuation = text tokens + eos
+    assert b.target_mask.sum(-1).tolist() == [4, 3]
+    # the masked positions predict exactly the continuation ids
+    for i, (_p, x) in enumerate([("write", "abc"), ("write a longer prompt", "xy")]):
+        predicted = b.input_ids[i, 1:][b.target_mask[i]].tolist()
+        assert predicted == answer_ids(tiny_tokenizer, x)
+
+
+def test_l_and_u_ignore_prompt_tokens():
+    logp = torch.log(torch.tensor([[0.1, 0.2, 0.5, 0.5]]))
+    mask = torch.tensor([[False, False, True, True]])
+    l_seq, u_seq = sequence_terms(logp, mask)
+    assert torch.allclose(l_seq, torch.log(torch.tensor([0.5])))
+    assert torch.allclose(u_seq, -torch.log(torch.tensor([0.5])))
+
+
+def test_qg_steps_raise_good_and_lower_poor_likelihood(tiny_tokenizer, tiny_llm):
+    tok = tiny_tokenizer
+    model = tiny_llm  # all weights trainable: the test is about the loss, not LoRA capacity
+    good, poor = ("Write a review", "great film"), ("Write a review", "bad movie")
+    batch = _batch(tok, [good, poor])
+    q = torch.tensor([1.0, 0.0])
+
+    def l_values():
+        with torch.no_grad():
+            l_seq, _ = sequence_terms(continuation_logprobs(model, batch), batch.target_mask)
+        return l_seq
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Generated samples are likely under the model that wrote them: make both likely first.
+    for _ in range(40):
+        loss = -sequence_terms(continuation_logprobs(model, batch), batch.target_mask)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    before = l_values()
+    for _ in range(8):
+        loss = quality_guided_loss(continuation_logprobs(model, batch), batch.target_mask, q, beta=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = l_values()
+    assert after[0] > before[0] + 0.05, (before, after)  # q=1: more likely
+    assert after[1] < before[1] - 0.05, (before, after)  # q=0: less likely
+
+
+def test_hard_variant_thresholds_q():
+    logp = torch.log(torch.full((2, 3), 0.5))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    soft = quality_guided_loss(logp, mask, torch.tensor([0.7, 0.7]), beta=0.5)
+    hard = quality_guided_loss(logp, mask, torch.tensor([0.7, 0.7]), beta=0.5, hard=True, tau=0.6)
+    # hard: both samples count as good -> pure -l = log 2
+    assert torch.allclose(hard, torch.tensor(0.6931), atol=1e-3)
+    assert not torch.allclose(soft, hard)
+
+
+def test_probability_regularizer_zero_at_start_and_grows(tiny_tokenizer, tiny_llm):
+    model = _lora(tiny_llm)
+    batch = _batch(tiny_tokenizer, [("Write", "some text"), ("Write more", "x")])
+    mask = batch.attention_mask[:, 1:].bool()
+
+    def kl():
+        with torch.no_grad():
+            logits = next_token_logits(model, batch)
+            with model.disable_adapter():
+                base = next_token_logits(model, batch)
+        return float(probability_regularizer(logits, base, mask))
+
+    assert kl() < 1e-10  # LoRA B starts at zero: p_theta == p_theta0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    first = kl()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    assert 0 < first < kl()
+
+
+def test_pr_gradient_pulls_adapter_back(tiny_tokenizer, tiny_llm):
+    model = _lora(tiny_llm)
+    batch = _batch(tiny_tokenizer, [("Write", "some text")])
+    mask = batch.attention_mask[:, 1:].bool()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    values = []
+    for _ in range(5):
+        logits = next_token_logits(model, batch)
+        with torch.no_grad(), model.disable_adapter():
+            base = next_token_logits(model, batch)
+        loss = probability_regularizer(logits, base, mask)
+        values.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert values[-1] < values[0]
+
+
+def test_kd_targets():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0])
+    t = kd_targets(y, logits, mu=0.3, temperature=2.0)
+    assert torch.allclose(t.sum(-1), torch.ones(2))
+    assert torch.equal(kd_targets(y, logits, mu=0.0, temperature=2.0), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert torch.allclose(kd_targets(y, logits, mu=1.0, temperature=2.0), torch.softmax(logits / 2.0, -1))
+    expected = 0.7 * torch.tensor([1.0, 0.0]) + 0.3 * torch.softmax(logits[1] / 2.0, -1)
+    assert torch.allclose(t[1], expected)
+
+
+def test_kd_loss_minimised_at_target():
+    from crosslm.client.trainer import soft_cross_entropy
+
+    target = torch.tensor([[0.8, 0.2]])
+    at_target = soft_cross_entropy(torch.log(target), target)
+    elsewhere = soft_cross_entropy(torch.tensor([[0.0, 0.0]]), target)
+    assert at_target < elsewhere
+    onehot = torch.tensor([[0.0, 1.0]])
+    logits = torch.tensor([[0.3, -1.2]])
+    assert torch.allclose(
+        soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, torch.tensor([1]))
+    )
+
+
+def test_task_loss_prefers_correct_label():
+    scores = torch.tensor([[-1.0, -5.0]])
+    assert task_loss(scores, torch.tensor([0])) < task_loss(scores, torch.tensor([1]))
+
+
+def test_gather_logprobs_matches_manual(tiny_tokenizer, tiny_llm):
+    batch = _batch(tiny_tokenizer, [("ab", "cd")])
+    logits = next_token_logits(tiny_llm, batch)
+    lp = gather_logprobs(logits, batch)
+    manual = torch.log_softmax(logits[0, 3], -1)[batch.input_ids[0, 4]]
+    assert torch.allclose(lp[0, 3], manual)

@@ -1,0 +1,176 @@
+"""The report must put the right numbers in the right rows and survive partial (interrupted) logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crosslm.evaluation.report import summary_table, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ["slm_global_accuracy.png", "llm_accuracy.png", "synthetic_quality.png"]
+
+
+def _m(la: float, ga: float) -> dict:
+    return {"local": {"accuracy": la, "macro_f1": la - 0.1}, "global": {"accuracy": ga, "macro_f1": ga - 0.1}}
+
+
+def _events() -> list[dict]:
+    clients = [
+        {"client": "client-0", "slm": "minilm-l6", "speed": 1.0, "train_size": 150, "test_size": 100,
+         "label_counts": [120, 30]},
+        {"client": "client-1", "slm": "bert-tiny", "speed": 0.5, "train_size": 80, "test_size": 60,
+         "label_counts": [20, 60]},
+    ]  # fmt: skip
+    return [
+        {"event": "run_start", "t": 0, "wall": 0.0, "seed": 0, "dataset": "rotten-tomatoes",
+         "labels": ["negative", "positive"], "llm": "smollm2-135m-instruct", "clients": clients},
+        {"event": "llm_eval", "t": 0, "wall": 5.0, "update": 0, "raw_accuracy": 0.52,
+         "calibrated_accuracy": 0.63, "raw_macro_f1": 0.4, "calibrated_macro_f1": 0.6, "n": 200},
+        {"event": "perplexity", "t": 0, "wall": 6.0, "stage": "start", "update": 0, "perplexity": 23.4,
+         "tokens": 8192},
+        {"event": "client_trained", "t": 3, "wall": 9.0, "client": "client-0", "round": 1, "base_version": 0,
+         "train_loss": 0.41, **_m(0.71, 0.55), "seconds": 3.2},
+        {"event": "upload", "t": 3.5, "wall": 9.5, "client": "client-0", "round": 1, "accepted": True,
+         "reason": None, "bytes": 45_000_000, "staleness": 0},
+        {"event": "client_trained", "t": 6, "wall": 12.0, "client": "client-1", "round": 1,
+         "base_version": 0, "train_loss": 0.5, **_m(0.80, 0.60), "seconds": 6.0},
+        {"event": "server_update", "t": 90, "wall": 95.0, "update": 1, "trigger_clients": ["client-0"],
+         "weights": {"client-0": 1.0}, "staleness": {"client-0": 0}, "generated": 48, "kept": 45,
+         "gen_tokens_per_s": 120.5, "distinct2": 0.8, "mean_q": 0.62, "share_q_ge_tau": 0.55,
+         "splus_size": 30, "splus_per_label": [15, 15],
+         "loss": {"total": 1.2, "qg": 0.5, "task": 0.6, "pr": 0.01}, "seconds": 80.1},
+        {"event": "upload", "t": 91, "wall": 96.0, "client": "client-1", "round": 1, "accepted": True,
+         "reason": None, "bytes": 17_000_000, "staleness": 1},
+        {"event": "llm_eval", "t": 92, "wall": 99.0, "update": 1, "raw_accuracy": 0.56,
+         "calibrated_accuracy": 0.66, "raw_macro_f1": 0.5, "calibrated_macro_f1": 0.64, "n": 200},
+        {"event": "enhanced", "t": 95, "wall": 101.0, "client": "client-0", "update": 1,
+         "before": _m(0.71, 0.55), "after": _m(0.73, 0.58)},
+        {"event": "upload", "t": 96, "wall": 102.0, "client": "client-0", "round": 2, "accepted": False,
+         "reason": "too_stale", "bytes": 45_000_000, "staleness": 3},
+        {"event": "server_update", "t": 180, "wall": 190.0, "update": 2, "trigger_clients": ["client-1"],
+         "weights": {"client-0": 0.4, "client-1": 0.6}, "staleness": {"client-0": 1, "client-1": 0},
+         "generated": 50, "kept": 40, "gen_tokens_per_s": 118.0, "distinct2": 0.75, "mean_q": 0.7,
+         "share_q_ge_tau": 0.65, "splus_size": 34, "splus_per_label": [16, 18],
+         "loss": {"total": 0.9, "qg": 0.4, "task": 0.45, "pr": 0.02}, "seconds": 85.0},
+        {"event": "llm_eval", "t": 182, "wall": 193.0, "update": 2, "raw_accuracy": 0.60,
+         "calibrated_accuracy": 0.70, "raw_macro_f1": 0.55, "calibrated_macro_f1": 0.69, "n": 200},
+        {"event": "enhanced", "t": 185, "wall": 196.0, "client": "client-0", "update": 2,
+         "before": _m(0.73, 0.58), "after": _m(0.74, 0.62)},
+        {"event": "enhanced", "t": 186, "wall": 197.0, "client": "client-1", "update": 2,
+         "before": _m(0.80, 0.60), "after": _m(0.82, 0.66)},
+        {"event": "perplexity", "t": 190, "wall": 200.0, "stage": "end", "update": 2, "perplexity": 20.1,
+         "tokens": 8192},
+        {"event": "run_end", "t": 190, "wall": 700.0, "updates": 2, "interrupted": False},
+    ]  # fmt: skip
+
+
+CONFIG = {"data": {"name": "rotten-tomatoes"}, "feedback": {"tau": 0.5}, "seed": 0}
+
+
+def _row(report: str, first_cell: str) -> list[str]:
+    """Cells of the first Markdown table row whose first cell is `first_cell`."""
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row starting with {first_cell!r}")
+
+
+def _section(report: str, title: str) -> str:
+    return report.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def _assert_pngs(run_dir: Path) -> None:
+    for name in PLOTS:
+        data = (run_dir / "plots" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 1000, name
+
+
+def test_full_report_numbers(tmp_path: Path) -> None:
+    path = write_report(tmp_path, _events(), CONFIG)
+    assert path == tmp_path / "report.md"
+    report = path.read_text(encoding="utf-8")
+    assert "rotten-tomatoes" in report and "smollm2-135m-instruct" in report
+    assert "completed" in report and "interrupted" not in _section(report, "Client SLMs").lower()
+    for name in PLOTS:
+        assert f"(plots/{name})" in report
+
+    slms = _section(report, "Client SLMs: standalone vs. final")
+    # client, SLM, train/test, counts, standalone la lf ga gf, final la lf ga gf, Δ
+    c0 = _row(slms, "client-0")
+    assert c0[1] == "minilm-l6" and c0[2] == "150 / 100" and c0[3] == "120 / 30"
+    assert c0[4:8] == ["71.0", "61.0", "55.0", "45.0"]
+    assert c0[8:12] == ["74.0", "64.0", "62.0", "52.0"]  # last enhancement (update 2), not update 1
+    assert c0[12] == "+7.0"
+    c1 = _row(slms, "client-1")
+    assert c1[6] == "60.0" and c1[10] == "66.0" and c1[12] == "+6.0"
+    mean = _row(slms, "**mean**")
+    assert mean[6] == "57.5" and mean[10] == "64.0" and mean[12] == "+6.5"
+
+    enh = _section(report, "Enhancements")
+    assert _row(enh, "1")[1:4] == ["client-0", "71.0 → 73.0", "55.0 → 58.0"]
+    assert sum(1 for line in enh.splitlines() if line.startswith("| 2 |")) == 2
+
+    llm = _section(report, "Server LLM")
+    zs = _row(llm, "0 (zero-shot)")
+    assert zs[1:6] == ["52.0", "63.0", "40.0", "60.0", "200"]
+    assert _row(llm, "2")[1:3] == ["60.0", "70.0"]
+    assert "23.40" in llm and "20.10" in llm and "-14.1%" in llm
+
+    syn = _section(report, "Synthetic data per server update")
+    assert "τ=0.5" in syn
+    u2 = _row(syn, "2")
+    assert u2[1] == "client-1" and u2[2:6] == ["50", "40", "0.700", "65.0"]
+    assert u2[6] == "34 (16 / 18)" and u2[7] == "0.750"
+    assert "client-0: 1, client-1: 0" in u2[9] and "client-0: 0.400" in u2[10]
+
+    asyn = _section(report, "Asynchrony")
+    assert "client-0 r1 → client-1 r1 → client-0 r2" in asyn
+    assert "rejected: too_stale" in asyn
+    # The rejected upload comes after server update 1 in the timeline (interleaving preserved).
+    assert asyn.index("server update 1") < asyn.index("too_stale") < asyn.index("server update 2")
+
+    _assert_pngs(tmp_path)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_truncated_run_says_interrupted(tmp_path: Path) -> None:
+    events = _events()[:4]  # run_start, llm_eval, perplexity start, one client_trained
+    report = write_report(tmp_path, events, CONFIG).read_text(encoding="utf-8")
+    assert "interrupted" in report.lower()
+    c0 = _row(_section(report, "Client SLMs: standalone vs. final"), "client-0")
+    assert c0[6] == "55.0" and c0[10] == "n/a" and c0[12] == "n/a"
+    assert _row(_section(report, "Client SLMs: standalone vs. final"), "client-1")[6] == "n/a"
+    assert "No server update happened" in report
+    _assert_pngs(tmp_path)
+    assert "INTERRUPTED" in summary_table(events)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [],
+        [{"event": "run_start"}],
+        [{"event": "enhanced", "client": "x"}, {"event": "server_update", "loss": None, "weights": "?"}],
+        [{"event": "llm_eval", "update": 0, "raw_accuracy": float("nan")}, {"event": "run_end"}],
+    ],
+)
+def test_degenerate_logs_never_crash(tmp_path: Path, events: list[dict]) -> None:
+    report = write_report(tmp_path, events, {}).read_text(encoding="utf-8")
+    assert report.startswith("# CrossLM run report")
+    _assert_pngs(tmp_path)
+    assert "perplexity" in summary_table(events)
+
+
+def test_summary_table(tmp_path: Path) -> None:
+    text = summary_table(_events())
+    c0 = next(line for line in text.splitlines() if line.strip().startswith("client-0")).split()
+    assert c0 == ["client-0", "minilm-l6", "55.0", "62.0", "+7.0"]
+    mean = next(line for line in text.splitlines() if line.strip().startswith("mean")).split()
+    assert mean == ["mean", "57.5", "64.0", "+6.5"]
+    assert "raw 52.0 → 60.0" in text and "calibrated 63.0 → 70.0" in text and "(update 2)" in text
+    assert "23.40 → 20.10 (-14.1%)" in text
+    assert "completed" in text
