@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import string
 
 import pytest
+
+# Tests never reach the Hugging Face Hub: unknown ids must fail fast, not after network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 

@@ -8,7 +8,6 @@ from crosslm.config import LLMConfig
 from crosslm.server.llm_text import (
     answer_ids,
     continuation_logprobs,
-    gather_logprobs,
     next_token_logits,
     pair_batch,
     user_prompt_ids,
@@ -39,7 +38,7 @@ def test_target_mask_covers_only_generated_tokens(tiny_tokenizer):
     assert b.target_mask.sum(-1).tolist() == [4, 3]
     # the masked positions predict exactly the continuation ids
     for i, (_p, x) in enumerate([("write", "abc"), ("write a longer prompt", "xy")]):
-        predicted = b.input_ids[i, 1:][b.target_mask[i]].tolist()
+        predicted = b.targets[i][b.target_mask[i]].tolist()
         assert predicted == answer_ids(tiny_tokenizer, x)
 
 
@@ -94,7 +93,7 @@ def test_hard_variant_thresholds_q():
 def test_probability_regularizer_zero_at_start_and_grows(tiny_tokenizer, tiny_llm):
     model = _lora(tiny_llm)
     batch = _batch(tiny_tokenizer, [("Write", "some text"), ("Write more", "x")])
-    mask = batch.attention_mask[:, 1:].bool()
+    mask = batch.target_mask
 
     def kl():
         with torch.no_grad():
@@ -119,7 +118,7 @@ def test_probability_regularizer_zero_at_start_and_grows(tiny_tokenizer, tiny_ll
 def test_pr_gradient_pulls_adapter_back(tiny_tokenizer, tiny_llm):
     model = _lora(tiny_llm)
     batch = _batch(tiny_tokenizer, [("Write", "some text")])
-    mask = batch.attention_mask[:, 1:].bool()
+    mask = batch.target_mask
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -169,8 +168,12 @@ def test_task_loss_prefers_correct_label():
 
 
 def test_gather_logprobs_matches_manual(tiny_tokenizer, tiny_llm):
-    batch = _batch(tiny_tokenizer, [("ab", "cd")])
-    logits = next_token_logits(tiny_llm, batch)
-    lp = gather_logprobs(logits, batch)
-    manual = torch.log_softmax(logits[0, 3], -1)[batch.input_ids[0, 4]]
-    assert torch.allclose(lp[0, 3], manual)
+    batch = _batch(tiny_tokenizer, [("ab", "cd"), ("a much longer prompt", "xyz")])
+    lp = continuation_logprobs(tiny_llm, batch)
+    for i, (p, x) in enumerate([("ab", "cd"), ("a much longer prompt", "xyz")]):
+        seq = user_prompt_ids(tiny_tokenizer, p) + answer_ids(tiny_tokenizer, x)  # unpadded, alone
+        with torch.no_grad():
+            full = torch.log_softmax(tiny_llm(input_ids=torch.tensor([seq])).logits[0], -1)
+        n = len(answer_ids(tiny_tokenizer, x))
+        manual = torch.stack([full[len(seq) - n - 1 + j, seq[len(seq) - n + j]] for j in range(n)])
+        assert torch.allclose(lp[i][batch.target_mask[i]], manual, atol=1e-4)  # padding changes nothing

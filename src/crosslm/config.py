@@ -65,7 +65,7 @@ class ClientConfig:
         [1.0, 2.0, 3.0, 5.0], "One-way network delay per client in virtual seconds; cycled."
     )
     epochs: int = _f(5, "Local epochs E per local round.")
-    lr: float = _f(5e-5, "Local learning rate (AdamW).")
+    lr: float = _f(2e-4, "Local learning rate (AdamW).")
     batch_size: int = _f(16, "Local batch size.")
     max_length: int = _f(128, "SLM max tokens per text.")
     upload_dtype: str = _f("float16", "Weight dtype on the wire: float16 or float32.")
@@ -97,7 +97,11 @@ class GenerationConfig:
 @dataclass
 class FeedbackConfig:
     gamma: float = _f(0.7, "Staleness discount in (0,1]: w_j proportional to n_j * gamma^s_j.")
-    prior_correction: bool = _f(True, "Logit-adjust each SLM by its client's label prior (Pitfall 1).")
+    prior_correction: str = _f(
+        "pool",
+        "Pitfall 1: 'pool' (divide each SLM's probabilities by its mean over the label-balanced synthetic "
+        "pool), 'counts' (logit adjustment by the client's declared label counts) or 'none'.",
+    )
     tau: float = _f(0.6, "Quality threshold on q for S+ (and for the hard L_QG variant).")
     max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
 
@@ -117,7 +121,7 @@ class TuneConfig:
 @dataclass
 class DistillConfig:
     epochs: int = _f(3, "Distillation epochs over S+ per enhancement.")
-    lr: float = _f(5e-5, "Distillation learning rate.")
+    lr: float = _f(1e-4, "Distillation learning rate.")
     batch_size: int = _f(16, "Distillation batch size.")
     mu: float = _f(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
     temperature: float = _f(2.0, "T: temperature of the ensemble's soft labels.")
@@ -320,6 +324,9 @@ def validate(cfg: RunConfig) -> None:
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
     need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")
+    need(
+        fb.prior_correction in ("pool", "counts", "none"), "feedback.prior_correction", "pool, counts or none"
+    )
     need(t.steps >= 0, "tune.steps", "0 or more")
     need(t.alpha >= 0 and t.beta >= 0 and t.lambda_task >= 0, "tune.alpha", "non-negative loss weights")
     need(0 <= ds.mu <= 1, "distill.mu", "a number in [0, 1]")

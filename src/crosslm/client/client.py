@@ -49,6 +49,7 @@ class Client:
         self.model, self.tokenizer = load_slm(slm, list(task.labels))
         self.round = 0
         self.base_version = 0  # server update the current weights came from; 0 = pretrained
+        self.metrics: dict[str, dict[str, float]] = {}  # of the current weights (unchanged since upload)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
@@ -74,7 +75,7 @@ class Client:
             seed=self.seed * 1000 + self.round,
             desc=f"{self.client_id} local round {self.round}",
         )
-        metrics = self.evaluate()
+        metrics = self.metrics = self.evaluate()
         upload = SLMUpload(
             client_id=self.client_id,
             slm=self.slm,
@@ -108,10 +109,10 @@ class Client:
             expected_type="slm_enhanced",
         )
         assert isinstance(msg, SLMEnhanced)
-        before = self.evaluate()
-        self.model.load_state_dict(msg.state_dict, strict=False)
+        before = self.metrics or self.evaluate()
+        self.model.load_state_dict(msg.state_dict, strict=True)
         self.base_version = msg.server_update
-        after = self.evaluate()
+        after = self.metrics = self.evaluate()
         return {
             "event": "enhanced",
             "client": self.client_id,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from crosslm.server.llm_text import PairBatch, continuation_logprobs
+from crosslm.server.llm_text import continuation_logprobs, pair_batch
 
 
 @torch.no_grad()
@@ -37,15 +37,8 @@ def perplexity(
     nll, count = 0.0, 0
     for s in tqdm(range(0, len(blocks), batch_size), desc="perplexity", leave=False):
         chunk = blocks[s : s + batch_size]
-        width = max(len(b) for b in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(input_ids)
-        tmask = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
-        for i, b in enumerate(chunk):
-            input_ids[i, : len(b)] = torch.tensor(b)
-            attn[i, : len(b)] = 1
-            tmask[i, : len(b) - 1] = True
-        logp = continuation_logprobs(model, PairBatch(input_ids, attn, tmask))
-        nll -= float((logp * tmask).sum())
-        count += int(tmask.sum())
+        batch = pair_batch([b[:1] for b in chunk], [b[1:] for b in chunk], tokenizer.pad_token_id)
+        logp = continuation_logprobs(model, batch)
+        nll -= float((logp * batch.target_mask).sum())
+        count += int(batch.target_mask.sum())
     return math.exp(nll / max(count, 1)), count

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from crosslm.client.client import Client
 from crosslm.config import ClientConfig, FederationConfig
 from crosslm.protocol import WireMessage
@@ -70,11 +72,19 @@ class InProcessRuntime:
             return
         self.server_busy = True
         responses = self.server.step()  # computed now; its results leave the server when it is done
+        self.bar.update(1)
         self._push(t + self.fed.server_update_time, "server_done", payload=responses)
 
     def run(self) -> None:
         for cid in self.clients:
             self._push(0.0, "start", cid)
+        self.bar = tqdm(total=self.fed.updates, desc="CrossLM server updates", unit="update")
+        try:
+            self._loop()
+        finally:
+            self.bar.close()
+
+    def _loop(self) -> None:
         while self._queue:
             ev = heapq.heappop(self._queue)
             self.set_clock(ev.t)
@@ -89,7 +99,7 @@ class InProcessRuntime:
                 if self.server.update >= self.fed.updates:
                     continue
                 wire = WireMessage.from_bytes(ev.payload, max_bytes=self.server.max_bytes)
-                self.log({**self.server.receive(wire), "client": ev.client})
+                self.log({"client": ev.client, **self.server.receive(wire, sender=ev.client)})
                 self._maybe_start_update(ev.t)
             elif ev.kind == "server_done":
                 self.server_busy = False

@@ -3,8 +3,11 @@
 q(x, y) = sum_j w_j p_j(y | x) over the latest SLM of each client, w_j proportional to n_j * gamma^s_j.
 
 Pitfall 1: an SLM trained on label-skewed data scores toward its majority labels. Each client's
-probabilities are prior-corrected (logit adjustment: logits - log prior_j, the prior from the label counts
-the client declares), and S+ is selected per label so that it stays class-balanced.
+probabilities are prior-corrected before they are combined, and S+ is selected per label so that it stays
+class-balanced. Two corrections are available:
+- "counts": logit adjustment, logits - log prior_j, with prior_j from the label counts client j declares.
+- "pool": divide p_j by its mean over the scored pool, which holds N samples of every label by
+  construction; this removes whatever label bias the SLM has, however it arose (contextual calibration).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def score(
     models: Sequence[ClientModel],
     weights: dict[str, float],
     *,
-    prior_correction: bool,
+    prior_correction: str,
     batch_size: int = 64,
     max_length: int = 128,
 ) -> Feedback:
@@ -76,9 +79,12 @@ def score(
     ens: torch.Tensor | None = None
     for m in models:
         logits = predict_logits(m.model, m.tokenizer, texts, batch_size=batch_size, max_length=max_length)
-        if prior_correction:
+        if prior_correction == "counts":
             logits = logits - log_prior(m.label_counts)
         p = torch.softmax(logits, dim=-1)
+        if prior_correction == "pool":
+            p = p / p.mean(0, keepdim=True).clamp(min=1e-6)
+            p = p / p.sum(-1, keepdim=True)
         per_client[m.client_id] = p
         ens = weights[m.client_id] * p if ens is None else ens + weights[m.client_id] * p
     assert ens is not None, "score() needs at least one client model"

@@ -37,34 +37,64 @@ def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor  # [B, L], right-padded
+    """Left-padded (context + continuation) sequences. Continuations end every row, so the logits needed
+    are those of the last `keep` + 1 positions only (the LM head and softmax over the vocabulary are the
+    costly part for short continuations)."""
+
+    input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
-    target_mask: torch.Tensor  # [B, L-1]: True where position t+1 is a continuation token
+    target_mask: torch.Tensor  # [B, keep]: True where input_ids[:, -keep:] is a continuation token
+    keep: int
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.input_ids[:, -self.keep :]
 
 
 def pair_batch(contexts: Sequence[list[int]], continuations: Sequence[list[int]], pad_id: int) -> PairBatch:
     seqs = [list(c) + list(x) for c, x in zip(contexts, continuations, strict=True)]
     length = max(len(s) for s in seqs)
+    keep = max(len(x) for x in continuations)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), length), dtype=torch.long)
-    tmask = torch.zeros((len(seqs), length - 1), dtype=torch.bool)
-    for i, (c, s) in enumerate(zip(contexts, seqs, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        tmask[i, len(c) - 1 : len(s) - 1] = True
-    return PairBatch(ids, attn, tmask)
+    tmask = torch.zeros((len(seqs), keep), dtype=torch.bool)
+    for i, (x, s) in enumerate(zip(continuations, seqs, strict=True)):
+        ids[i, length - len(s) :] = torch.tensor(s)
+        attn[i, length - len(s) :] = 1
+        tmask[i, keep - len(x) :] = True
+    return PairBatch(ids, attn, tmask, keep)
 
 
 def next_token_logits(model: Any, batch: PairBatch) -> torch.Tensor:
-    """Logits predicting token t+1 from positions 0..L-2: [B, L-1, V]."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    """Logits predicting each of the last `keep` tokens: [B, keep, V]."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1].float()
 
 
 def gather_logprobs(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-    """log p(x_{t+1} | x_<=t) at every position [B, L-1] (masked positions hold garbage: use target_mask)."""
+    """log p(x_t | x_<t) for the last `keep` tokens [B, keep] (padding positions: use target_mask)."""
     logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
 
 
 def continuation_logprobs(model: Any, batch: PairBatch) -> torch.Tensor:
     return gather_logprobs(next_token_logits(model, batch), batch)
+
+
+def cache_kwarg(model: Any) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; find which one this model takes."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

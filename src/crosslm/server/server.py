@@ -76,9 +76,10 @@ class CrossLMServer:
         self.max_bytes = int(cfg.federation.max_payload_mb * 1024 * 1024)
 
     # -- uploads -------------------------------------------------------------------------------------
-    def receive(self, wire: WireMessage) -> dict[str, Any]:
+    def receive(self, wire: WireMessage, sender: str | None = None) -> dict[str, Any]:
         """Validate an upload and record it as its client's latest SLM. Never raises on bad input:
-        a rejected payload is reported in the returned event and the run goes on."""
+        a rejected payload is reported in the returned event and the run goes on. `sender` is the
+        identity the transport authenticated; an upload claiming another client id is refused."""
         event: dict[str, Any] = {"event": "upload", "bytes": len(wire), "accepted": False, "reason": None}
         try:
             msg = decode(
@@ -89,6 +90,8 @@ class CrossLMServer:
             )
             assert isinstance(msg, SLMUpload)
             event.update(client=msg.client_id, round=msg.version)
+            if sender is not None and msg.client_id != sender:
+                raise ProtocolError(f"upload from '{sender}' claims to be from '{msg.client_id}'")
             self.models[msg.client_id] = self._host(msg)
         except (ProtocolError, CrossLMError) as e:
             event["reason"] = str(e)
@@ -106,7 +109,7 @@ class CrossLMServer:
                 f"upload from {msg.client_id}: unknown SLM tokenizer '{msg.slm}' ({e})"
             ) from None
         model = build_model(msg.model_type, msg.model_config, len(self.task.labels))
-        model.load_state_dict(msg.state_dict, strict=False)
+        model.load_state_dict(msg.state_dict, strict=True)
         model.eval()
         return ClientModel(
             client_id=msg.client_id,
@@ -127,6 +130,8 @@ class CrossLMServer:
         """Run one update for the buffered uploads; returns (client_id, enhanced SLM) messages."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+        lap = _Lap(phases)
         triggers = self.pending[: cfg.federation.buffer_size]
         self.pending = self.pending[len(triggers) :]
         self.update += 1
@@ -140,6 +145,7 @@ class CrossLMServer:
             self.llm, self.tokenizer, self.task, cfg.generation, seen=self.seen, seed=cfg.seed * 100_003 + u
         )
         self.pool += [SyntheticExample(s.text, s.label, s.hash, u, u - 1) for s in samples]
+        lap("generate")
 
         # 4. feedback on the whole pool with the current ensemble (it improves as SLMs arrive)
         texts = [e.text for e in self.pool]
@@ -160,6 +166,7 @@ class CrossLMServer:
             tau=cfg.feedback.tau,
             max_per_label=cfg.feedback.max_per_label,
         )
+        lap("feedback")
         new = range(len(self.pool) - len(samples), len(self.pool))
         for i in new:
             e = self.pool[i]
@@ -188,13 +195,16 @@ class CrossLMServer:
             tau=cfg.feedback.tau,
             seed=cfg.seed * 7919 + u,
         )
+        lap("tune_llm")
 
         # 6. distil S+ into the triggering clients' SLMs and send them back
         responses = [
             (cid, self._enhance(cid, good, texts, labels, fb.ensemble_logits, u)) for cid in triggers
         ]
+        lap("distill")
 
         self.evaluate_llm(u)
+        lap("evaluate_llm")
         new_q = fb.q[list(new)] if samples else torch.zeros(0)
         per_label = [sum(1 for i in good if labels[i] == c) for c in range(self.task.num_labels)]
         self.log(
@@ -217,6 +227,7 @@ class CrossLMServer:
                 "splus_per_label": per_label,
                 "loss": losses,
                 "seconds": time.perf_counter() - t0,
+                "phase_seconds": phases,
             }
         )
         return responses
@@ -275,3 +286,16 @@ class CrossLMServer:
         from crosslm.io import atomic_dir
 
         atomic_dir(path, lambda tmp: self.llm.save_pretrained(tmp))
+
+
+class _Lap:
+    """Records the seconds since the previous lap under a phase name."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into = into
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = round(now - self.last, 2)
+        self.last = now

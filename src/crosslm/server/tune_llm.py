@@ -1,7 +1,7 @@
 """Step 5: tune the LLM's LoRA adapter for S steps on L = L_QG + lambda_task * L_task + alpha * L_PR.
 
 theta0 is the frozen base (the adapter disabled), so L_PR needs no second copy of the model. L_PR is
-computed on the L_QG batch, over every non-padding token position (prompt and generated text).
+computed on the L_QG batch, at every generated-token position.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def tune_adapter(
         if cfg.alpha > 0:
             with torch.no_grad(), model.disable_adapter():
                 base = next_token_logits(model, batch)
-            l_pr = probability_regularizer(logits, base, batch.attention_mask[:, 1:].bool())
+            l_pr = probability_regularizer(logits, base, batch.target_mask)
             loss = loss + cfg.alpha * l_pr
         l_task = torch.zeros(())
         if cfg.lambda_task > 0 and good:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from crosslm.evaluation.metrics import classification_metrics
 from crosslm.server.llm_text import (
     answer_ids,
+    cache_kwarg,
     continuation_logprobs,
     pair_batch,
     truncate_text,
@@ -36,21 +37,76 @@ def label_scores(
     batch_size: int = 16,
     progress: bool = False,
 ) -> torch.Tensor:
-    """[N, C] summed log-probabilities of each label string (differentiable when grad is enabled)."""
+    """[N, C] summed log-probabilities of each whole label string as the answer to prompt(x).
+
+    With gradients (L_task) every (prompt, label) pair is its own sequence. Without (evaluation) each
+    prompt is run once and its KV cache is shared by the C label continuations: C times less work."""
     answers = [answer_ids(tokenizer, v) for v in task.verbalizer]
     prompts = [
         user_prompt_ids(tokenizer, task.classify_prompt(truncate_text(tokenizer, t, max_text_tokens)))
         for t in texts
     ]
+    if not torch.is_grad_enabled():
+        return _shared_prefix_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size, progress)
     contexts = [p for p in prompts for _ in answers]
     conts = [a for _ in prompts for a in answers]
     out = []
-    starts = range(0, len(contexts), batch_size)
-    for s in tqdm(starts, desc="LLM label scores", leave=False, disable=not progress):
+    for s in range(0, len(contexts), batch_size):
         batch = pair_batch(contexts[s : s + batch_size], conts[s : s + batch_size], tokenizer.pad_token_id)
-        logp = continuation_logprobs(model, batch)
-        out.append((logp * batch.target_mask).sum(-1))
+        out.append((continuation_logprobs(model, batch) * batch.target_mask).sum(-1))
     return torch.cat(out).view(len(texts), len(answers))
+
+
+def _shared_prefix_scores(
+    model: Any,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    progress: bool,
+) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    kw = cache_kwarg(model)
+    out = torch.empty(len(prompts), len(answers))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc="LLM label scores", leave=False, disable=not progress):
+        idx = order[s : s + batch_size]
+        batch = pair_batch([[] for _ in idx], [prompts[i] for i in idx], pad_id)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        first = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=1,
+            use_cache=True,
+            **{kw: cache},
+        )
+        first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)
+        last_pos = batch.position_ids[:, -1:]
+        for c, ans in enumerate(answers):
+            score = first_logp[:, ans[0]].clone()
+            if len(ans) > 1:
+                n = len(ans) - 1
+                step = model(
+                    input_ids=torch.tensor(ans[:-1]).expand(len(idx), -1),
+                    attention_mask=torch.cat(
+                        [batch.attention_mask, torch.ones(len(idx), n, dtype=torch.long)], 1
+                    ),
+                    position_ids=last_pos + torch.arange(1, n + 1),
+                    use_cache=True,
+                    **{kw: cache},
+                )
+                logp = torch.log_softmax(step.logits.float(), dim=-1)
+                score += (
+                    logp.gather(-1, torch.tensor(ans[1:]).expand(len(idx), -1).unsqueeze(-1))
+                    .squeeze(-1)
+                    .sum(-1)
+                )
+                cache.crop(-n)  # drop this label's tokens: back to the shared prompt
+            out[idx, c] = score
+    return out
 
 
 def calibrated(scores: torch.Tensor, content_free_scores: torch.Tensor) -> torch.Tensor:

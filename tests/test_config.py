@@ -1,0 +1,65 @@
+"""YAML + --set config loading: types, unknown keys with suggestions, range checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from crosslm.config import RunConfig, all_keys, load_config
+from crosslm.errors import ConfigError
+
+
+def test_defaults_and_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ndata:\n  num_clients: 3\nclients:\n  slms: [minilm-l3]\n")
+    cfg = load_config(
+        p, ["federation.updates=2", "tune.hard=true", "feedback.tau=0.75", "clients.speeds=[1, 2]"]
+    )
+    assert cfg.seed == 3 and cfg.data.num_clients == 3 and cfg.clients.slms == ["minilm-l3"]
+    assert cfg.federation.updates == 2 and cfg.tune.hard is True and cfg.feedback.tau == 0.75
+    assert cfg.clients.speeds == [1, 2]
+    assert cfg.llm.model == RunConfig().llm.model  # untouched keys keep defaults
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"federation\.updates"):
+        load_config(None, ["federation.update=3"])
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  num_client: 2\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'data\.num_client'.*Did you mean 'data\.num_clients'"
+    ):
+        load_config(p)
+
+
+def test_type_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"'data\.num_clients' expects an integer"):
+        load_config(None, ["data.num_clients=many"])
+    with pytest.raises(ConfigError, match=r"'tune\.hard' expects true or false"):
+        load_config(None, ["tune.hard=maybe"])
+    with pytest.raises(ConfigError, match=r"expects key=value"):
+        load_config(None, ["federation.updates"])
+
+
+def test_range_checks():
+    with pytest.raises(ConfigError, match=r"feedback\.gamma"):
+        load_config(None, ["feedback.gamma=0"])
+    with pytest.raises(ConfigError, match=r"federation\.buffer_size"):
+        load_config(None, ["data.num_clients=2", "federation.buffer_size=3"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for p in root.glob("*.yaml"):
+        load_config(p)
+    assert "tune.alpha" in all_keys()

@@ -1,0 +1,153 @@
+"""End to end on the real default models (SmolLM2-135M-Instruct, MiniLM) through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _crosslm(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "crosslm.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw
+    )
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    res = _crosslm(
+        "run", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set", "name=tiny", timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "standalone" in res.stdout  # the summary table
+    return out / "tiny"
+
+
+def test_run_directory_is_complete(tiny_run):
+    for name in [
+        "config.yaml",
+        "metrics.jsonl",
+        "synthetic.jsonl",
+        "report.md",
+        "plots/slm_global_accuracy.png",
+        "plots/llm_accuracy.png",
+        "plots/synthetic_quality.png",
+        "llm_adapter/adapter_config.json",
+    ]:
+        assert (tiny_run / name).exists(), name
+    ev = _events(tiny_run)
+    kinds = [e["event"] for e in ev]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end" and not ev[-1]["interrupted"]
+    assert kinds.count("server_update") == 2
+    assert kinds.count("enhanced") == 2
+    assert sorted(e["update"] for e in ev if e["event"] == "llm_eval") == [0, 1, 2]
+    assert {e["stage"] for e in ev if e["event"] == "perplexity"} == {"start", "end"}
+    for e in ev:
+        if e["event"] == "client_trained":
+            assert 0.0 <= e["global"]["accuracy"] <= 1.0 and "macro_f1" in e["local"]
+    report = (tiny_run / "report.md").read_text()
+    assert "standalone" in report.lower() and "perplexity" in report.lower()
+
+
+def test_asynchrony_shows_interleaving_and_staleness(tiny_run):
+    ev = _events(tiny_run)
+    uploads = [e for e in ev if e["event"] == "upload" and e["accepted"]]
+    assert [u["client"] for u in uploads][:2] == ["client-0", "client-1"]  # arrival order, fast client first
+    updates = [e for e in ev if e["event"] == "server_update"]
+    assert updates[0]["trigger_clients"] == ["client-0"] and updates[1]["trigger_clients"] == ["client-1"]
+    assert max(max(u["staleness"].values()) for u in updates) >= 1
+    assert all(abs(sum(u["weights"].values()) - 1) < 1e-6 for u in updates)
+
+
+def test_synthetic_rows(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "synthetic.jsonl").read_text().splitlines()]
+    assert rows, "no synthetic data was kept"
+    for r in rows:
+        assert set(r) >= {"text", "label", "q", "slm_probs", "update", "llm_version", "slm_versions", "hash"}
+        assert r["label"] in ("negative", "positive") and 0.0 <= r["q"] <= 1.0
+    assert len({r["hash"] for r in rows}) == len(rows)
+
+
+def test_saved_models_load_with_from_pretrained(tiny_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    for cid in ("client-0", "client-1"):
+        path = tiny_run / "clients" / cid
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.config.id2label == {0: "negative", 1: "positive"}
+        with torch.no_grad():
+            assert model(**tok(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
+
+    from crosslm.catalogue.models import llm_path
+
+    base = AutoModelForCausalLM.from_pretrained(llm_path("smollm2-135m-instruct"))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, tiny_run / "llm_adapter")
+        after = tuned(input_ids=ids).logits
+    assert not torch.allclose(before, after)  # the trained adapter was saved, not a fresh one
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path):
+    cases = [
+        (["--set", "data.dataset=no-such-data"], "rotten-tomatoes"),
+        (["--set", "federation.update=3"], "Did you mean 'federation.updates'"),
+        (["--set", "data.num_clients=500", "--set", "data.train_per_client=100"], "exceeds"),
+        (["--set", "output_dir=/proc/crosslm"], "not writable"),
+        (["--set", "clients.slms=[no-such-slm]", "--set", "data.num_clients=1"], "no-such-slm"),
+    ]
+    for args, expected in cases:
+        res = _crosslm("run", "configs/tiny.yaml", "--set", f"name=x{len(args)}", *args, timeout=300)
+        assert res.returncode == 2, (args, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert expected in res.stderr, (expected, res.stderr)
+
+
+def test_ctrl_c_leaves_valid_files(tmp_path):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "crosslm.cli",
+            "run",
+            "configs/tiny.yaml",
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "name=int",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "int" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and "client_trained" in metrics.read_text()):
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    ev = _events(tmp_path / "int")  # every line is complete JSON
+    assert ev[-1]["event"] == "run_end" and ev[-1]["interrupted"] is True
+    assert "interrupted" in (tmp_path / "int" / "report.md").read_text().lower()
+    assert not list((tmp_path / "int").glob(".*.tmp"))

@@ -1,0 +1,108 @@
+"""Staleness weights, prior-corrected ensemble feedback and the class-balanced S+ selection."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
+
+
+class ConstantClassifier(torch.nn.Module):
+    """Gives every text the same logits: a caricature of an SLM trained on one majority label."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+        self.config = SimpleNamespace(num_labels=len(logits))
+
+    def forward(self, input_ids, **_):
+        return SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], -1))
+
+
+def _client(cid, logits, counts, base_version=0, n=None, tokenizer=None):
+    return ClientModel(
+        cid, "fake", ConstantClassifier(logits), tokenizer, n or sum(counts), counts, base_version, 1
+    )
+
+
+def test_staleness_weights_discount_and_normalise():
+    models = [_client("a", [0, 0], [50, 50], base_version=3), _client("b", [0, 0], [25, 25], base_version=1)]
+    w = staleness_weights(models, current_update=3, gamma=0.5)
+    # raw: a = 100 * 0.5^0 = 100, b = 50 * 0.5^2 = 12.5
+    assert w["a"] == pytest.approx(100 / 112.5)
+    assert w["b"] == pytest.approx(12.5 / 112.5)
+    assert sum(w.values()) == pytest.approx(1.0)
+    w1 = staleness_weights(models, current_update=3, gamma=1.0)
+    assert w1["a"] == pytest.approx(100 / 150)  # gamma = 1: proportional to n_j only
+
+
+def test_q_is_weighted_probability_of_intended_label(tiny_tokenizer):
+    a = _client("a", [2.0, 0.0], [50, 50], tokenizer=tiny_tokenizer)
+    b = _client("b", [0.0, 1.0], [50, 50], tokenizer=tiny_tokenizer)
+    w = {"a": 0.25, "b": 0.75}
+    fb = score(["x y", "z"], [0, 1], [a, b], w, prior_correction="none")
+    pa, pb = torch.softmax(torch.tensor([2.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    assert fb.q[0] == pytest.approx(float(0.25 * pa[0] + 0.75 * pb[0]))
+    assert fb.q[1] == pytest.approx(float(0.25 * pa[1] + 0.75 * pb[1]))
+    assert set(fb.per_client) == {"a", "b"}
+    assert torch.allclose(fb.ensemble_probs.sum(-1), torch.ones(2))
+
+
+def test_prior_correction_removes_majority_label_bias(tiny_tokenizer):
+    # An SLM trained on 90 % label 0 that has learnt only the prior: logits = log prior.
+    counts = [90, 10]
+    prior_logits = torch.log(torch.tensor(counts, dtype=torch.float) / 100).tolist()
+    m = _client("a", prior_logits, counts, tokenizer=tiny_tokenizer)
+    raw = score(["t1", "t2"], [0, 1], [m], {"a": 1.0}, prior_correction="none")
+    assert raw.q[0] > 0.85 and raw.q[1] < 0.15  # biased toward the majority label
+    for mode in ("counts", "pool"):
+        fixed = score(["t1", "t2"], [0, 1], [m], {"a": 1.0}, prior_correction=mode)
+        assert abs(float(fixed.q[0] - fixed.q[1])) < 0.05, mode  # corrected: no preference without evidence
+
+
+class LengthClassifier(ConstantClassifier):
+    """Evidence plus bias: longer texts look more 'positive', and everything leans positive by +2."""
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        length = attention_mask.sum(-1).float()
+        return SimpleNamespace(logits=torch.stack([-0.2 * length, 0.2 * length + 2.0], -1))
+
+
+def test_pool_correction_keeps_evidence_and_removes_bias(tiny_tokenizer):
+    m = ClientModel("a", "fake", LengthClassifier([0.0, 0.0]), tiny_tokenizer, 100, [50, 50], 0, 1)
+    texts, labels = ["ab", "abcd", "abcdefghijk", "abcdefghijklm"], [0, 0, 1, 1]
+    raw = score(texts, labels, [m], {"a": 1.0}, prior_correction="none")
+    assert raw.predicted.tolist() == [1, 1, 1, 1]  # the bias swamps the evidence
+    fixed = score(texts, labels, [m], {"a": 1.0}, prior_correction="pool")
+    assert fixed.predicted.tolist() == [0, 0, 1, 1]  # the evidence (length) decides again
+
+
+def _feedback(q_and_pred):
+    q = torch.tensor([q for q, _ in q_and_pred])
+    probs = torch.zeros(len(q_and_pred), 2)
+    for i, (qq, pred) in enumerate(q_and_pred):
+        probs[i, pred] = max(qq, 1 - qq)  # the argmax label holds the larger share
+        probs[i, 1 - pred] = 1 - probs[i, pred]
+    return Feedback(q=q, ensemble_probs=probs, per_client={})
+
+
+def test_select_good_is_class_balanced_and_takes_highest_q():
+    labels = [0, 0, 0, 0, 1, 1, 1]
+    #                q    ensemble argmax
+    fb = _feedback([(0.9, 0), (0.95, 0), (0.7, 0), (0.65, 0), (0.8, 1), (0.62, 1), (0.3, 0)])
+    good = select_good(labels, fb, num_labels=2, tau=0.6, max_per_label=10)
+    chosen = [labels[i] for i in good]
+    assert chosen.count(0) == chosen.count(1) == 2  # label 1 has only 2 candidates above tau
+    assert set(good) == {0, 1, 4, 5}  # the two highest-q label-0 samples, not 0.7 / 0.65
+    capped = select_good(labels, fb, num_labels=2, tau=0.6, max_per_label=1)
+    assert sorted(capped) == [1, 4]
+
+
+def test_select_good_requires_agreeing_argmax_and_threshold():
+    labels = [0, 1]
+    fb = _feedback([(0.55, 0), (0.9, 1)])
+    assert select_good(labels, fb, num_labels=2, tau=0.6, max_per_label=10) == []  # label 0 below tau
+    assert sorted(select_good(labels, fb, num_labels=2, tau=0.5, max_per_label=10)) == [0, 1]

@@ -1,0 +1,59 @@
+"""The LLM as a classifier: whole label strings scored in the assistant turn, plus calibration."""
+
+from __future__ import annotations
+
+import torch
+
+from crosslm.server.llm_text import answer_ids, user_prompt_ids
+from crosslm.server.verbalizer import calibrated, evaluate_llm, label_scores
+from crosslm.task import LabelledTexts, TaskSpec
+
+TASK = TaskSpec(
+    name="toy",
+    labels=("neg", "pos"),
+    descriptions=("negative", "positive"),
+    verbalizer=("Negative", "Positive"),
+    generation_prompt="Write a {description} review.",
+    classification_prompt="Review: {text}\nOptions: {options}.",
+)
+
+
+def test_label_scores_sum_whole_label_string(tiny_tokenizer, tiny_llm):
+    texts = ["good film", "a very bad and long movie"]
+    with torch.no_grad():
+        scores = label_scores(tiny_llm, tiny_tokenizer, TASK, texts, batch_size=3)
+    assert scores.shape == (2, 2)
+    for i, text in enumerate(texts):
+        prompt = user_prompt_ids(tiny_tokenizer, TASK.classify_prompt(text))
+        for c, word in enumerate(TASK.verbalizer):
+            ans = answer_ids(tiny_tokenizer, word)
+            ids = torch.tensor([prompt + ans])
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny_llm(input_ids=ids).logits[0].float(), -1)
+            manual = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(ans))
+            assert abs(manual - float(scores[i, c])) < 1e-3
+
+
+def test_calibration_removes_label_word_bias():
+    # The model prefers "Negative" regardless of content.
+    scores = torch.log(torch.tensor([[0.8, 0.2], [0.6, 0.4]]))
+    cf = torch.log(torch.tensor([[0.7, 0.3], [0.7, 0.3]]))
+    assert scores.argmax(-1).tolist() == [0, 0]
+    assert calibrated(scores, cf).argmax(-1).tolist() == [0, 1]
+
+
+def test_evaluate_llm_reports_raw_and_calibrated(tiny_tokenizer, tiny_llm):
+    data = LabelledTexts(["good", "bad", "fine", "awful"], [1, 0, 1, 0])
+    m = evaluate_llm(tiny_llm, tiny_tokenizer, TASK, data, max_text_tokens=20, batch_size=4)
+    assert set(m) == {"raw_accuracy", "raw_macro_f1", "calibrated_accuracy", "calibrated_macro_f1", "n"}
+    assert m["n"] == 4
+    assert all(0.0 <= m[k] <= 1.0 for k in m if k != "n")
+
+
+def test_shared_prefix_path_equals_full_sequences(tiny_tokenizer, tiny_llm):
+    texts = ["ok", "a much longer review text here", "meh"]
+    with torch.enable_grad():
+        full = label_scores(tiny_llm, tiny_tokenizer, TASK, texts, batch_size=4).detach()
+    with torch.no_grad():
+        fast = label_scores(tiny_llm, tiny_tokenizer, TASK, texts, batch_size=2)
+    assert torch.allclose(full, fast, atol=1e-4)
