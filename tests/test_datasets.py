@@ -179,8 +179,10 @@ def test_missing_package_gives_install_command(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(cat.DATASETS, "fake", entry)
     assert [r for r in catalogue_status() if r["name"] == "fake"][0]["installed"] is False
 
-    real = cat.importlib.util.find_spec
-    monkeypatch.setattr(cat.importlib.util, "find_spec", lambda n: None if n == "gensim" else real(n))
+    import crosslm.catalogue.packages as packages
+
+    real = packages.importlib.util.find_spec
+    monkeypatch.setattr(packages.importlib.util, "find_spec", lambda n: None if n == "gensim" else real(n))
     with pytest.raises(CatalogueError, match="gensim==4.4.0"):
         load_general_text()
 

@@ -110,7 +110,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     cases = [
         (["--set", "data.dataset=no-such-data"], "rotten-tomatoes"),
         (["--set", "federation.update=3"], "Did you mean 'federation.updates'"),
-        (["--set", "data.num_clients=500", "--set", "data.train_per_client=100"], "exceeds"),
+        (["--set", "data.num_clients=500", "--set", "data.train_per_client=100"], "has only"),
         (["--set", "output_dir=/proc/crosslm"], "not writable"),
         (["--set", "clients.slms=[no-such-slm]", "--set", "data.num_clients=1"], "no-such-slm"),
     ]

@@ -177,3 +177,34 @@ def test_gather_logprobs_matches_manual(tiny_tokenizer, tiny_llm):
         n = len(answer_ids(tiny_tokenizer, x))
         manual = torch.stack([full[len(seq) - n - 1 + j, seq[len(seq) - n + j]] for j in range(n)])
         assert torch.allclose(lp[i][batch.target_mask[i]], manual, atol=1e-4)  # padding changes nothing
+
+
+def test_micro_batching_gives_the_same_update(tiny_tokenizer):
+    """tune_adapter with gradient accumulation lands on the same adapter weights as one full batch."""
+    import copy
+
+    from crosslm.config import TuneConfig
+    from crosslm.server.tune_llm import tune_adapter
+    from tests.conftest import make_llm
+    from tests.test_verbalizer import TASK
+
+    generated = [("great film", 1, 0.9), ("bad", 0, 0.2), ("so so movie", 1, 0.5), ("awful acting", 0, 0.7)]
+    good = [("great film", 1), ("awful acting", 0)]
+    base = _lora(make_llm(len(tiny_tokenizer), seed=3))
+    with torch.no_grad():  # a non-zero adapter so that L_PR has a gradient too
+        for n, p in base.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.02 * torch.randn_like(p))
+    results = []
+    for micro in (4, 1):
+        model = copy.deepcopy(base)
+        cfg = TuneConfig(steps=1, batch_size=4, micro_batch_size=micro, task_batch_size=2, lr=1e-2)
+        losses = tune_adapter(
+            model, tiny_tokenizer, TASK, generated, good, cfg, max_text_tokens=20, tau=0.6, seed=0
+        )
+        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}))
+    (l_full, w_full), (l_micro, w_micro) = results
+    for k in ("qg", "pr", "task", "total"):
+        assert abs(l_full[k] - l_micro[k]) < 1e-5, k
+    assert all(torch.allclose(w_full[n], w_micro[n], atol=1e-6) for n in w_full)
+    assert any(not torch.allclose(w_full[n], base.state_dict()[n]) for n in w_full)  # it did train

@@ -50,10 +50,20 @@ def test_evaluate_llm_reports_raw_and_calibrated(tiny_tokenizer, tiny_llm):
     assert all(0.0 <= m[k] <= 1.0 for k in m if k != "n")
 
 
-def test_shared_prefix_path_equals_full_sequences(tiny_tokenizer, tiny_llm):
-    texts = ["ok", "a much longer review text here", "meh"]
-    with torch.enable_grad():
-        full = label_scores(tiny_llm, tiny_tokenizer, TASK, texts, batch_size=4).detach()
-    with torch.no_grad():
-        fast = label_scores(tiny_llm, tiny_tokenizer, TASK, texts, batch_size=2)
-    assert torch.allclose(full, fast, atol=1e-4)
+def test_label_score_gradients_match_one_sequence_per_pair(tiny_tokenizer, tiny_llm):
+    """L_task backpropagates through the shared prompt cache exactly as through separate sequences."""
+    from crosslm.server.llm_text import continuation_logprobs, pair_batch
+
+    texts, y = ["ok", "a much longer review text here", "meh"], torch.tensor([0, 1, 1])
+    prompts = [user_prompt_ids(tiny_tokenizer, TASK.classify_prompt(t)) for t in texts]
+    answers = [answer_ids(tiny_tokenizer, v) for v in TASK.verbalizer]
+    batch = pair_batch([p for p in prompts for _ in answers], [a for _ in prompts for a in answers], 0)
+    full = (continuation_logprobs(tiny_llm, batch) * batch.target_mask).sum(-1).view(3, 2)
+    torch.nn.functional.cross_entropy(full, y).backward()
+    expected = {n: p.grad.clone() for n, p in tiny_llm.named_parameters()}
+    tiny_llm.zero_grad()
+    shared = label_scores(tiny_llm, tiny_tokenizer, TASK, texts, batch_size=2)
+    assert torch.allclose(full.detach(), shared.detach(), atol=1e-4)
+    torch.nn.functional.cross_entropy(shared, y).backward()
+    for n, p in tiny_llm.named_parameters():
+        assert torch.allclose(expected[n], p.grad, atol=1e-5), n

@@ -87,7 +87,7 @@ class LLMConfig:
 @dataclass
 class GenerationConfig:
     samples_per_label: int = _f(24, "N: samples generated per label per server update.")
-    batch_size: int = _f(24, "Generation batch size.")
+    batch_size: int = _f(48, "Generation batch size.")
     max_new_tokens: int = _f(64, "Max generated tokens per sample.")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(0.95, "Nucleus sampling p.")
@@ -110,6 +110,9 @@ class FeedbackConfig:
 class TuneConfig:
     steps: int = _f(6, "S: adapter optimisation steps per server update.")
     batch_size: int = _f(8, "Generated samples per L_QG batch.")
+    micro_batch_size: int = _f(
+        4, "Sequences per forward/backward pass (gradient accumulation; saves memory)."
+    )
     task_batch_size: int = _f(4, "S+ examples per L_task batch.")
     lr: float = _f(3e-4, "Adapter learning rate (AdamW).")
     beta: float = _f(0.5, "Weight of the unlikelihood term for poor samples in L_QG.")
@@ -120,8 +123,8 @@ class TuneConfig:
 
 @dataclass
 class DistillConfig:
-    epochs: int = _f(3, "Distillation epochs over S+ per enhancement.")
-    lr: float = _f(1e-4, "Distillation learning rate.")
+    epochs: int = _f(10, "Distillation epochs over S+ per enhancement.")
+    lr: float = _f(2e-4, "Distillation learning rate.")
     batch_size: int = _f(16, "Distillation batch size.")
     mu: float = _f(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
     temperature: float = _f(2.0, "T: temperature of the ensemble's soft labels.")
@@ -129,7 +132,7 @@ class DistillConfig:
 
 @dataclass
 class FederationConfig:
-    updates: int = _f(6, "U: the run ends after this many server updates.")
+    updates: int = _f(5, "U: the run ends after this many server updates.")
     buffer_size: int = _f(1, "B: uploads per server update (1 = fully asynchronous).")
     time_per_example: float = _f(0.05, "Virtual seconds per training example-epoch at speed 1.0.")
     server_update_time: float = _f(30.0, "Virtual seconds one server update takes.")

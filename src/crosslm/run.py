@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import time
 from datetime import datetime
 from pathlib import Path
@@ -69,8 +70,14 @@ class RunLog:
         self.t = t
 
     def __call__(self, event: dict[str, Any]) -> None:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
         self.writer.write(
-            {**event, "t": round(self.t, 3), "wall": round(time.perf_counter() - self.start, 2)}
+            {
+                **event,
+                "t": round(self.t, 3),
+                "wall": round(time.perf_counter() - self.start, 2),
+                "peak_rss_gib": round(peak_gib, 2),
+            }
         )
 
 

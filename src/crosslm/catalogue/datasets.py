@@ -10,7 +10,6 @@ from __future__ import annotations
 import bz2
 import csv
 import difflib
-import importlib.util
 import io
 import re
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crosslm.catalogue.packages import package_path
 from crosslm.config import DataConfig
 from crosslm.errors import CatalogueError, DataError
 from crosslm.task import LabelledTexts, TaskSpec
@@ -47,7 +47,7 @@ class DatasetEntry:
 
     def locate(self) -> Path:
         """The data path inside site-packages, found without importing the package."""
-        return _package_path(self.package, self.relpath, self.install, f"dataset '{self.name}'")
+        return package_path(self.package, self.relpath, self.install, f"dataset '{self.name}'")
 
     def installed(self) -> bool:
         try:
@@ -58,20 +58,6 @@ class DatasetEntry:
 
     def load(self) -> RawData:
         return self.loader(self.locate())
-
-
-def _package_path(package: str, relpath: str, install: str, what: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise CatalogueError(
-            f"{what} needs the package '{package}', which is not installed. Install it with: {install}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / relpath
-    if not path.exists():
-        raise CatalogueError(
-            f"{what}: '{path}' is missing from package '{package}'; reinstall with: {install}"
-        )
-    return path
 
 
 # --- catalogue loaders -------------------------------------------------------------------------------
@@ -366,7 +352,7 @@ def load_general_text(max_docs: int | None = None) -> list[str]:
 
     Nothing in the federation trains on it, so a rising perplexity here measures forgetting.
     """
-    path = _package_path(
+    path = package_path(
         "gensim", "test/test_data/lee_background.cor", GENERAL_TEXT_INSTALL, "the general-text check"
     )
     docs = [

@@ -7,12 +7,12 @@ can use Llama/Qwen as the LLM and BERT/RoBERTa/DistilBERT as SLMs.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosslm.catalogue.packages import package_path
 from crosslm.errors import CatalogueError
 
 
@@ -28,20 +28,14 @@ class ModelEntry:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def installed(self) -> bool:
-        return importlib.util.find_spec(self.package) is not None
+        try:
+            self.locate()
+        except CatalogueError:
+            return False
+        return True
 
     def locate(self) -> Path:
-        """Path inside site-packages, found without importing the package (its deps may be absent)."""
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise CatalogueError(
-                f"model '{self.name}' needs the package '{self.package}', which is not installed. "
-                f"Install it with: {self.install}"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / self.relpath
-        if not path.exists():
-            raise CatalogueError(f"model '{self.name}': '{path}' is missing; reinstall with: {self.install}")
-        return path
+        return package_path(self.package, self.relpath, self.install, f"model '{self.name}'")
 
 
 MODELS: dict[str, ModelEntry] = {

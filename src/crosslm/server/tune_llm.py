@@ -62,38 +62,45 @@ def tune_adapter(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sums = {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
     model.train()
+    micro = max(1, cfg.micro_batch_size)
     for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
         rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
-        batch = pair_batch(
-            [prompts[y] for _, y, _ in rows],
-            [answer_ids(tokenizer, t) for t, _, _ in rows],
-            tokenizer.pad_token_id,
-        )
-        q = torch.tensor([qq for _, _, qq in rows], dtype=torch.float)
-        logits = next_token_logits(model, batch)
-        l_qg = quality_guided_loss(
-            gather_logprobs(logits, batch), batch.target_mask, q, beta=cfg.beta, hard=cfg.hard, tau=tau
-        )
-        loss = l_qg
-        l_pr = torch.zeros(())
-        if cfg.alpha > 0:
-            with torch.no_grad(), model.disable_adapter():
-                base = next_token_logits(model, batch)
-            l_pr = probability_regularizer(logits, base, batch.target_mask)
-            loss = loss + cfg.alpha * l_pr
-        l_task = torch.zeros(())
+        conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
+        n_tokens = sum(len(c) for c in conts)  # L_PR is a mean over all generated-token positions
+        opt.zero_grad(set_to_none=True)
+        step = {"qg": 0.0, "pr": 0.0, "task": 0.0}
+        # Gradient accumulation over micro-batches: the same loss and gradient, a fraction of the memory.
+        for s in range(0, len(rows), micro):
+            part = rows[s : s + micro]
+            batch = pair_batch([prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id)
+            q = torch.tensor([qq for _, _, qq in part], dtype=torch.float)
+            logits = next_token_logits(model, batch)
+            l_qg = quality_guided_loss(
+                gather_logprobs(logits, batch), batch.target_mask, q, beta=cfg.beta, hard=cfg.hard, tau=tau
+            ) * (len(part) / len(rows))
+            loss = l_qg
+            if cfg.alpha > 0:
+                with torch.no_grad(), model.disable_adapter():
+                    base = next_token_logits(model, batch)
+                l_pr = probability_regularizer(logits, base, batch.target_mask) * (
+                    int(batch.target_mask.sum()) / n_tokens
+                )
+                loss = loss + cfg.alpha * l_pr
+                step["pr"] += float(l_pr.detach())
+            loss.backward()
+            step["qg"] += float(l_qg.detach())
         if cfg.lambda_task > 0 and good:
             picked = rng.sample(list(good), min(cfg.task_batch_size, len(good)))
             scores = label_scores(
                 model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
             )
             l_task = task_loss(scores, torch.tensor([y for _, y in picked]))
-            loss = loss + cfg.lambda_task * l_task
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            (cfg.lambda_task * l_task).backward()
+            step["task"] = float(l_task.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        for k, v in (("total", loss), ("qg", l_qg), ("task", l_task), ("pr", l_pr)):
-            sums[k] += float(v.detach()) / cfg.steps
+        step["total"] = step["qg"] + cfg.lambda_task * step["task"] + cfg.alpha * step["pr"]
+        for k, v in step.items():
+            sums[k] += v / cfg.steps
     model.eval()
     return sums

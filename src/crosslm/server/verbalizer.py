@@ -17,7 +17,6 @@ from crosslm.evaluation.metrics import classification_metrics
 from crosslm.server.llm_text import (
     answer_ids,
     cache_kwarg,
-    continuation_logprobs,
     pair_batch,
     truncate_text,
     user_prompt_ids,
@@ -39,22 +38,14 @@ def label_scores(
 ) -> torch.Tensor:
     """[N, C] summed log-probabilities of each whole label string as the answer to prompt(x).
 
-    With gradients (L_task) every (prompt, label) pair is its own sequence. Without (evaluation) each
-    prompt is run once and its KV cache is shared by the C label continuations: C times less work."""
+    Each prompt is run once and its KV cache is shared by the C label continuations (C times less work
+    than one sequence per pair). Differentiable: L_task backpropagates through the shared cache."""
     answers = [answer_ids(tokenizer, v) for v in task.verbalizer]
     prompts = [
         user_prompt_ids(tokenizer, task.classify_prompt(truncate_text(tokenizer, t, max_text_tokens)))
         for t in texts
     ]
-    if not torch.is_grad_enabled():
-        return _shared_prefix_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size, progress)
-    contexts = [p for p in prompts for _ in answers]
-    conts = [a for _ in prompts for a in answers]
-    out = []
-    for s in range(0, len(contexts), batch_size):
-        batch = pair_batch(contexts[s : s + batch_size], conts[s : s + batch_size], tokenizer.pad_token_id)
-        out.append((continuation_logprobs(model, batch) * batch.target_mask).sum(-1))
-    return torch.cat(out).view(len(texts), len(answers))
+    return _shared_prefix_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size, progress)
 
 
 def _shared_prefix_scores(

@@ -1,0 +1,1 @@
+"""CrossLM-over-Flower prototype."""
