@@ -165,7 +165,8 @@ def run(cfg: RunConfig) -> Path:
                 "event": "run_end",
                 "updates": server.update if server else 0,
                 "wall": time.perf_counter() - log.start,
-                "interrupted": interrupted,
+                "interrupted": not completed,  # Ctrl-C or an error: the run did not finish
+                "reason": "completed" if completed else ("interrupted" if interrupted else "error"),
             }
         )
         log.writer.close()
