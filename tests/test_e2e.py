@@ -114,8 +114,17 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
         (["--set", "output_dir=/proc/crosslm"], "not writable"),
         (["--set", "clients.slms=[no-such-slm]", "--set", "data.num_clients=1"], "no-such-slm"),
     ]
-    for args, expected in cases:
-        res = _crosslm("run", "configs/tiny.yaml", "--set", f"name=x{len(args)}", *args, timeout=300)
+    for i, (args, expected) in enumerate(cases):
+        res = _crosslm(
+            "run",
+            "configs/tiny.yaml",
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            f"name=bad{i}",
+            *args,
+            timeout=300,
+        )
         assert res.returncode == 2, (args, res.stderr[-2000:])
         assert "Traceback" not in res.stderr, res.stderr[-2000:]
         assert expected in res.stderr, (expected, res.stderr)
