@@ -17,7 +17,7 @@ import torch
 from crosslm.catalogue.datasets import DATASETS
 from crosslm.catalogue.models import load_llm
 from crosslm.config import GenerationConfig
-from crosslm.server.generate import generate_samples
+from crosslm.server.generate import generate_samples, sample_batch
 from crosslm.server.llm_text import user_prompt_ids
 
 
@@ -31,25 +31,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def plain_generate(model, tok, prompts: list[list[int]], cfg: GenerationConfig, batch: int) -> float:
-    """tokens/s of `model.generate` over all prompts in batches of `batch` (EOS-terminated tokens counted)."""
+    """tokens/s of plain `model.generate` (the call crosslm makes, same sampling) in batches of `batch`."""
     tokens, t0 = 0, time.perf_counter()
     for s in range(0, len(prompts), batch):
-        part = prompts[s : s + batch]
-        width = max(len(p) for p in part)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in part])
-        attn = (torch.arange(width) >= torch.tensor([width - len(p) for p in part])[:, None]).long()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=0,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-            )[:, width:]
-        for row in out.tolist():
+        for row in sample_batch(model, tok, prompts[s : s + batch], cfg).tolist():
             tokens += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
     return tokens / (time.perf_counter() - t0)
 

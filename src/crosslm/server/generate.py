@@ -62,6 +62,29 @@ class GenerationStats:
 
 
 @torch.no_grad()
+def sample_batch(model: Any, tokenizer: Any, prompts: list[list[int]], cfg: GenerationConfig) -> torch.Tensor:
+    """One left-padded batch through `model.generate` with the configured sampling; returns new tokens only."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return out[:, width:]
+
+
+@torch.no_grad()
 def generate_samples(
     model: Any,
     tokenizer: Any,
@@ -83,24 +106,7 @@ def generate_samples(
     with tqdm(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
         for s in range(0, len(jobs), cfg.batch_size):
             labels = jobs[s : s + cfg.batch_size]
-            seqs = [prompts[y] for y in labels]
-            width = max(len(p) for p in seqs)
-            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for i, p in enumerate(seqs):  # left padding: every prompt ends where generation starts
-                ids[i, width - len(p) :] = torch.tensor(p)
-                attn[i, width - len(p) :] = 1
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=0,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
-            )[:, width:]
+            out = sample_batch(model, tokenizer, [prompts[y] for y in labels], cfg)
             for y, row in zip(labels, out.tolist(), strict=True):
                 n = row.index(eos) + 1 if eos in row else len(row)
                 tokens += n
