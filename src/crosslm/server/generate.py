@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm.config import GenerationConfig
-from crosslm.server.llm_text import user_prompt_ids
+from crosslm.server.llm_text import pair_batch, user_prompt_ids
 from crosslm.task import TaskSpec
 
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]?\s|[\"')\]]?$)")
@@ -64,15 +64,12 @@ class GenerationStats:
 @torch.no_grad()
 def sample_batch(model: Any, tokenizer: Any, prompts: list[list[int]], cfg: GenerationConfig) -> torch.Tensor:
     """One left-padded batch through `model.generate` with the configured sampling; returns new tokens only."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
+    # left padding (pair_batch with empty contexts): every prompt ends where generation starts
+    batch = pair_batch([[] for _ in prompts], prompts, tokenizer.pad_token_id)
+    width = batch.input_ids.shape[1]
     out = model.generate(
-        input_ids=ids,
-        attention_mask=attn,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
         do_sample=True,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
