@@ -1,6 +1,9 @@
-"""`crosslm` command line: run, models, datasets.
+"""`crosslm` command line: run, flower, models, datasets.
 
-    crosslm run [CONFIG] [--set key=value ...]
+    crosslm run [CONFIG] [--set key=value ...]            one machine, in-process runtime
+    crosslm flower local [CONFIG] [--set key=value ...]   loopback Flower deployment (SuperLink + K SuperNodes)
+    crosslm flower certs OUT --nodes NAME ...             throw-away CA, server certificate and node keys
+    crosslm flower submit [CONFIG] --superlink HOST:PORT --root-certificates CA --run-dir DIR
     crosslm models | crosslm datasets
 
 A user's mistake ends in one clear paragraph and a non-zero exit, never a traceback.
@@ -12,6 +15,7 @@ import argparse
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 
 def _print_status(rows: list[dict], title: str) -> None:
@@ -43,6 +47,27 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument(
         "--help-config", action="store_true", help="list every config key with default and help"
     )
+    p_fl = sub.add_parser("flower", help="run CrossLM over Flower (real SuperLink and SuperNode processes)")
+    fl_sub = p_fl.add_subparsers(dest="flower_command", required=True)
+    p_local = fl_sub.add_parser(
+        "local", help="start a SuperLink and K SuperNodes on loopback and run CrossLM"
+    )
+    p_submit = fl_sub.add_parser("submit", help="submit a CrossLM run to a running SuperLink (multi-machine)")
+    for p in (p_local, p_submit):
+        p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable)")  # fmt: skip
+    p_submit.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
+    p_submit.add_argument(
+        "--root-certificates", help="CA certificate that signed the SuperLink's certificate"
+    )
+    p_submit.add_argument("--insecure", action="store_true", help="no TLS (never across machines)")
+    p_submit.add_argument("--run-dir", required=True, help="run directory on the server machine")
+    p_certs = fl_sub.add_parser("certs", help="generate a throw-away CA, SuperLink certificate and node keys")
+    p_certs.add_argument("out", help="folder to write ca.crt, server.pem, server.key and <node>/<node>.pub")
+    p_certs.add_argument("--nodes", nargs="+", default=[], metavar="NAME", help="node key pairs to create")
+    p_certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1", "::1"],
+                         help="names and addresses the SuperLink certificate is valid for")  # fmt: skip
     sub.add_parser("models", help="list the offline model catalogue")
     sub.add_parser("datasets", help="list the offline dataset catalogue")
     args = parser.parse_args(argv)
@@ -69,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             from crosslm.run import run
 
             run(cfg)
+        elif args.command == "flower":
+            _flower(args)
         return 0
     except CrossLMError as e:
         print("crosslm: error: " + textwrap.fill(str(e), width=100, subsequent_indent="  "), file=sys.stderr)
@@ -80,6 +107,31 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _flower(args: argparse.Namespace) -> None:
+    from crosslm.config import load_config
+    from crosslm.runtime.flower import deploy
+
+    if args.flower_command == "certs":
+        out = deploy.generate_pki(Path(args.out), args.nodes, tuple(args.hosts))
+        print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
+        print("Keep ca.key and every node's private key secret; give each node only its own key.")
+        return
+    cfg = load_config(args.config, args.overrides)
+    if args.flower_command == "local":
+        deploy.run_local(cfg)
+        return
+    from crosslm.errors import ConfigError
+    from crosslm.run import prepare_data
+
+    if not args.insecure and not args.root_certificates:
+        raise ConfigError("--root-certificates is required (or --insecure, for a trial without TLS)")
+    task, _ = prepare_data(cfg)
+    run_id = deploy.submit_run(
+        cfg, task, Path(args.run_dir), args.superlink, args.root_certificates, args.insecure
+    )
+    print(f"submitted run {run_id}; follow it with: flwr log {run_id} <connection> --stream")
 
 
 if __name__ == "__main__":

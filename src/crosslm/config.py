@@ -140,6 +140,31 @@ class FederationConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """Settings of the Flower runtime (`crosslm flower ...`); the in-process runtime ignores them."""
+
+    straggler_timeout: float = _f(
+        1800.0, "Seconds the server waits for a node's reply; a later reply is dropped with a logged reason."
+    )
+    message_ttl: float = _f(7200.0, "Flower message time-to-live in seconds (above the slowest local round).")
+    poll_interval: float = _f(0.5, "Seconds between the server's polls for replies.")
+    min_nodes: int = _f(1, "Online nodes needed before the server sends its first message.")
+    node_wait_timeout: float = _f(600.0, "Seconds to wait for min_nodes before giving up.")
+    port: int = _f(0, "SuperLink port of the loopback deployment; 0 = a free port.")
+    node_delays: list = _f(
+        [0.0], "Loopback deployment: extra seconds each node waits per local round (slower hardware); cycled."
+    )
+    threads_per_node: int = _f(1, "Loopback deployment: torch threads per ClientApp process.")
+    insecure: bool = _f(
+        False, "Loopback deployment without TLS and node authentication (for debugging only)."
+    )
+    audit_outbox: bool = _f(
+        False,
+        "Loopback deployment: each node keeps a copy of every message it sends (nodes/<id>/outbox-audit).",
+    )
+
+
+@dataclass
 class EvalConfig:
     llm_eval_size: int = _f(200, "Global-test examples used to measure the LLM's task accuracy.")
     general_text_tokens: int = _f(8192, "Tokens of held-out general text for the LLM perplexity check.")
@@ -160,6 +185,7 @@ class RunConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +324,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(data: dict[str, Any], where: str) -> RunConfig:
+    """A validated RunConfig from a (resolved) config mapping, e.g. one received as JSON."""
+    cfg = RunConfig()
+    _apply(cfg, data, where)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
     """Range checks that name the field and what was expected."""
 
@@ -336,6 +370,13 @@ def validate(cfg: RunConfig) -> None:
     need(ds.temperature > 0, "distill.temperature", "a positive number")
     need(fed.updates >= 1, "federation.updates", "at least 1")
     need(1 <= fed.buffer_size <= d.num_clients, "federation.buffer_size", f"between 1 and {d.num_clients}")
+    fl = cfg.flower
+    need(fl.straggler_timeout > 0, "flower.straggler_timeout", "a positive number of seconds")
+    need(fl.message_ttl > 0, "flower.message_ttl", "a positive number of seconds")
+    need(fl.poll_interval > 0, "flower.poll_interval", "a positive number of seconds")
+    need(fl.min_nodes >= 1, "flower.min_nodes", "at least 1")
+    need(0 <= fl.port < 65536, "flower.port", "0 (any free port) or a port number below 65536")
+    need(all(float(x) >= 0 for x in fl.node_delays), "flower.node_delays", "non-negative numbers")
 
 
 def _get(cfg: Any, key: str) -> Any:

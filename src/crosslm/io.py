@@ -57,16 +57,33 @@ def atomic_dir(path: Path, write: Callable[[Path], None]) -> None:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written."""
+    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written.
 
-    def __init__(self, path: Path):
+    `keep_lines` (a resumed run) first cuts the file back to that many complete lines, so the events a
+    crashed server wrote after its last checkpoint are not left behind twice."""
+
+    def __init__(self, path: Path, keep_lines: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_lines is not None and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            complete = [ln for ln in lines if ln.endswith("\n")][:keep_lines]
+            atomic_write_text(self.path, "".join(complete))
+        self.lines = (
+            sum(
+                1
+                for ln in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if ln.endswith("\n")
+            )
+            if self.path.exists()
+            else 0
+        )
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - long-lived handle
 
     def write(self, obj: dict[str, Any]) -> None:
         self._f.write(json.dumps(obj, sort_keys=False, default=_jsonable) + "\n")
         self._f.flush()
+        self.lines += 1
 
     def close(self) -> None:
         self._f.close()

@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,11 @@ from crosslm.errors import CrossLMError
 from crosslm.evaluation.perplexity import perplexity
 from crosslm.evaluation.report import summary_table, write_report
 from crosslm.io import JsonlWriter, read_jsonl
-from crosslm.partition import federated_split
+from crosslm.partition import FederatedSplit, federated_split
 from crosslm.runtime.inprocess import InProcessRuntime
 from crosslm.server.server import CrossLMServer
 from crosslm.server.tune_llm import add_lora
-from crosslm.task import LabelledTexts
+from crosslm.task import LabelledTexts, TaskSpec
 
 
 def seed_everything(seed: int) -> None:
@@ -38,7 +39,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
+def make_run_dir(cfg: RunConfig, *, resume: bool = False) -> Path:
+    """The run directory; an existing run is refused unless `resume` (the Flower server's restart)."""
     name = cfg.name or f"{Path(cfg.data.dataset).stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     try:
@@ -51,7 +53,7 @@ def make_run_dir(cfg: RunConfig) -> Path:
             f"output directory '{run_dir}' is not writable ({e.strerror}); set output_dir to a folder you can "
             "write, e.g. --set output_dir=/tmp/crosslm-runs."
         ) from None
-    if (run_dir / "metrics.jsonl").exists():
+    if not resume and (run_dir / "metrics.jsonl").exists():
         raise CrossLMError(
             f"run directory '{run_dir}' already holds a run; choose another --set name=... so nothing is overwritten."
         )
@@ -61,31 +63,30 @@ def make_run_dir(cfg: RunConfig) -> Path:
 class RunLog:
     """metrics.jsonl writer that stamps each event with the virtual time and the wall time."""
 
-    def __init__(self, path: Path):
-        self.writer = JsonlWriter(path)
+    def __init__(self, path: Path, keep_lines: int | None = None):
+        self.writer = JsonlWriter(path, keep_lines)
         self.start = time.perf_counter()
         self.t = 0.0
+        self.clock: Callable[[], float] | None = None  # a runtime on real time sets this (Flower)
 
     def set_clock(self, t: float) -> None:
         self.t = t
 
     def __call__(self, event: dict[str, Any]) -> None:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+        t = self.clock() if self.clock is not None else self.t
         self.writer.write(
             {
                 **event,
-                "t": round(self.t, 3),
+                "t": round(t, 3),
                 "wall": round(time.perf_counter() - self.start, 2),
                 "peak_rss_gib": round(peak_gib, 2),
             }
         )
 
 
-def run(cfg: RunConfig) -> Path:
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def prepare_data(cfg: RunConfig) -> tuple[TaskSpec, FederatedSplit]:
+    """The task and its seeded federated split; every runtime (and every Flower node) gets the same."""
     d = cfg.data
     task, data = load_task_data(d)
     split = federated_split(
@@ -99,6 +100,60 @@ def run(cfg: RunConfig) -> Path:
         cfg.seed,
         label_names=list(task.labels),
     )
+    return task, split
+
+
+def build_server(
+    cfg: RunConfig, task: TaskSpec, global_test: LabelledTexts, log: RunLog, synthetic: JsonlWriter
+) -> CrossLMServer:
+    """Load the LLM, wrap it with a fresh LoRA adapter and build the server around it."""
+    llm, tok = load_llm(cfg.llm.model)
+    llm = add_lora(llm, cfg.llm)
+    eval_idx = list(range(min(cfg.eval.llm_eval_size, len(global_test))))
+    llm_eval = LabelledTexts(
+        [global_test.texts[i] for i in eval_idx], [global_test.labels[i] for i in eval_idx]
+    )
+    return CrossLMServer(cfg, task, llm, tok, llm_eval, log=log, log_synthetic=synthetic.write)
+
+
+def setup_torch(cfg: RunConfig) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def close_run(
+    run_dir: Path,
+    log: RunLog,
+    synthetic: JsonlWriter,
+    cfg: RunConfig,
+    *,
+    updates: int,
+    completed: bool,
+    interrupted: bool,
+) -> list[dict[str, Any]]:
+    """Log run_end, close the logs and write report.md; returns the run's events."""
+    log(
+        {
+            "event": "run_end",
+            "updates": updates,
+            "wall": time.perf_counter() - log.start,
+            "interrupted": not completed,  # Ctrl-C or an error: the run did not finish
+            "reason": "completed" if completed else ("interrupted" if interrupted else "error"),
+        }
+    )
+    log.writer.close()
+    synthetic.close()
+    events = read_jsonl(run_dir / "metrics.jsonl")
+    write_report(run_dir, events, cfg.to_dict())
+    return events
+
+
+def run(cfg: RunConfig) -> Path:
+    setup_torch(cfg)
+    d = cfg.data
+    task, split = prepare_data(cfg)
     general = load_general_text()
     run_dir = make_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
@@ -130,6 +185,7 @@ def run(cfg: RunConfig) -> Path:
                 "dataset": d.dataset,
                 "labels": list(task.labels),
                 "llm": cfg.llm.model,
+                "runtime": "inprocess",
                 "clients": [
                     {
                         "client": c.client_id,
@@ -143,41 +199,31 @@ def run(cfg: RunConfig) -> Path:
                 ],
             }
         )
-        llm, tok = load_llm(cfg.llm.model)
-        llm = add_lora(llm, cfg.llm)
-        eval_idx = list(range(min(cfg.eval.llm_eval_size, len(split.global_test))))
-        llm_eval = LabelledTexts(
-            [split.global_test.texts[i] for i in eval_idx], [split.global_test.labels[i] for i in eval_idx]
-        )
-        server = CrossLMServer(cfg, task, llm, tok, llm_eval, log=log, log_synthetic=synthetic.write)
-        _log_perplexity(log, llm, tok, general, cfg, "start", 0)
+        server = build_server(cfg, task, split.global_test, log, synthetic)
+        log_perplexity(log, server, general, "start")
         server.evaluate_llm(0)
         InProcessRuntime(
             clients, server, cfg.clients, cfg.federation, log=log, clock=log.set_clock, seed=cfg.seed
         ).run()
-        _log_perplexity(log, llm, tok, general, cfg, "end", server.update)
+        log_perplexity(log, server, general, "end")
         completed = True
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        log(
-            {
-                "event": "run_end",
-                "updates": server.update if server else 0,
-                "wall": time.perf_counter() - log.start,
-                "interrupted": not completed,  # Ctrl-C or an error: the run did not finish
-                "reason": "completed" if completed else ("interrupted" if interrupted else "error"),
-            }
-        )
-        log.writer.close()
-        synthetic.close()
         if completed:  # models are saved only from a finished run; everything written so far stays valid
             for c in clients:
                 c.save(run_dir / "clients" / c.client_id)
             if server is not None:
                 server.save_adapter(run_dir / "llm_adapter")
-        events = read_jsonl(run_dir / "metrics.jsonl")
-        write_report(run_dir, events, cfg.to_dict())
+        events = close_run(
+            run_dir,
+            log,
+            synthetic,
+            cfg,
+            updates=server.update if server else 0,
+            completed=completed,
+            interrupted=interrupted,
+        )
     if interrupted:
         raise KeyboardInterrupt
     print(summary_table(events))
@@ -185,8 +231,8 @@ def run(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _log_perplexity(
-    log: RunLog, llm: Any, tok: Any, texts: list[str], cfg: RunConfig, stage: str, update: int
-) -> None:
-    ppl, n = perplexity(llm, tok, texts, max_tokens=cfg.eval.general_text_tokens)
-    log({"event": "perplexity", "stage": stage, "update": update, "perplexity": ppl, "tokens": n})
+def log_perplexity(log: RunLog, server: CrossLMServer, texts: list[str], stage: str) -> None:
+    """Held-out general-text perplexity of the LLM with its current adapter (the generality check)."""
+    cfg = server.cfg
+    ppl, n = perplexity(server.llm, server.tokenizer, texts, max_tokens=cfg.eval.general_text_tokens)
+    log({"event": "perplexity", "stage": stage, "update": server.update, "perplexity": ppl, "tokens": n})

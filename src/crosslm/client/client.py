@@ -6,16 +6,23 @@ per-example outputs never do. The global test split is an evaluation-only artefa
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from crosslm.catalogue.models import load_slm
 from crosslm.client.trainer import evaluate, train_supervised
 from crosslm.config import ClientConfig
+from crosslm.errors import CrossLMError
+from crosslm.io import atomic_dir, atomic_write_json
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
 from crosslm.task import LabelledTexts, TaskSpec
+
+STATE_FILE = "crosslm_client.json"
 
 
 @dataclass
@@ -54,10 +61,10 @@ class Client:
     def evaluate(self) -> dict[str, dict[str, float]]:
         kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
         n = self.task.num_labels
-        return {
-            "local": evaluate(self.model, self.tokenizer, self.data.test, n, **kw),
-            "global": evaluate(self.model, self.tokenizer, self.data.global_test, n, **kw),
-        }
+        out = {"local": evaluate(self.model, self.tokenizer, self.data.test, n, **kw)}
+        if len(self.data.global_test):  # a simulation-only split; a real deployment may have none
+            out["global"] = evaluate(self.model, self.tokenizer, self.data.global_test, n, **kw)
+        return out
 
     def local_round(self) -> tuple[WireMessage, dict[str, Any]]:
         """Train E epochs on private data from the current weights, evaluate, and build the upload."""
@@ -122,11 +129,37 @@ class Client:
         }
 
     def save(self, path: Path) -> None:
-        """`AutoModelForSequenceClassification.from_pretrained(path)` loads it back."""
-        from crosslm.io import atomic_dir
+        """`AutoModelForSequenceClassification.from_pretrained(path)` loads it back; `restore` reloads the
+        client's own state too (round, base version, metrics), which a Flower node needs between messages."""
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            state = {
+                "client_id": self.client_id,
+                "slm": self.slm,
+                "labels": list(self.task.labels),
+                "round": self.round,
+                "base_version": self.base_version,
+                "metrics": self.metrics,
+            }
+            atomic_write_json(tmp / STATE_FILE, state)
 
         atomic_dir(path, write)
+
+    def restore(self, path: Path) -> bool:
+        """Load weights and state saved by `save`; False when `path` holds no saved client yet."""
+        path = Path(path)
+        if not (path / STATE_FILE).is_file():
+            return False
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("labels") != list(self.task.labels) or state.get("slm") != self.slm:
+            raise CrossLMError(
+                f"'{path}' holds a client for SLM {state.get('slm')!r} and labels {state.get('labels')}, "
+                f"not {self.slm!r} and {list(self.task.labels)}; use a fresh work-dir for a new task"
+            )
+        self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        self.round = int(state["round"])
+        self.base_version = int(state["base_version"])
+        self.metrics = state.get("metrics") or {}
+        return True

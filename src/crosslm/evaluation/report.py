@@ -199,6 +199,12 @@ def _digest(events: list[dict[str, Any]]) -> _Run:
         if other is not None and str(other) not in run.client_info:
             run.clients.append(str(other))
             run.client_info[str(other)] = {"client": str(other)}
+        if e.get("event") == "upload" and e.get("accepted") and other is not None:
+            # a Flower run learns its clients from their uploads (run_start cannot list them)
+            info = run.client_info[str(other)]
+            for key in ("slm", "train_size"):
+                if key in e:
+                    info.setdefault(key, e[key])
     return run
 
 

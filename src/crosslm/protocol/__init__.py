@@ -13,6 +13,7 @@ from crosslm.protocol.messages import (
     encode,
     model_config_dict,
 )
+from crosslm.protocol.reports import validate_report
 
 __all__ = [
     "ALLOWED_MODEL_TYPES",
@@ -26,4 +27,5 @@ __all__ = [
     "decode",
     "encode",
     "model_config_dict",
+    "validate_report",
 ]

@@ -89,7 +89,7 @@ class CrossLMServer:
                 expected_type="slm_upload",
             )
             assert isinstance(msg, SLMUpload)
-            event.update(client=msg.client_id, round=msg.version)
+            event.update(client=msg.client_id, round=msg.version, slm=msg.slm, train_size=msg.num_examples)
             if sender is not None and msg.client_id != sender:
                 raise ProtocolError(f"upload from '{sender}' claims to be from '{msg.client_id}'")
             self.models[msg.client_id] = self._host(msg)
@@ -286,6 +286,16 @@ class CrossLMServer:
         from crosslm.io import atomic_dir
 
         atomic_dir(path, lambda tmp: self.llm.save_pretrained(tmp))
+
+    def load_adapter(self, path: Path) -> None:
+        """Load adapter weights written by `save_adapter` into this server's LLM (a resumed run)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(self.llm, load_file(str(Path(path) / "adapter_model.safetensors")))
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise CrossLMError(f"adapter in '{path}' does not match this LLM (unexpected {missing[0]})")
 
 
 class _Lap:

@@ -1,1 +1,0 @@
-"""CrossLM-over-Flower prototype."""
