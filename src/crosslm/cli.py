@@ -4,6 +4,7 @@
     crosslm flower local [CONFIG] [--set key=value ...]   loopback Flower deployment (SuperLink + K SuperNodes)
     crosslm flower certs OUT --nodes NAME ...             throw-away CA, server certificate and node keys
     crosslm flower submit [CONFIG] --superlink HOST:PORT --root-certificates CA --run-dir DIR
+    crosslm experiment [CONFIG] [--set key=value ...]      methods x tasks x seeds -> results.md/.csv, plots
     crosslm models | crosslm datasets
 
 A user's mistake ends in one clear paragraph and a non-zero exit, never a traceback.
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p_certs.add_argument("--nodes", nargs="+", default=[], metavar="NAME", help="node key pairs to create")
     p_certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1", "::1"],
                          help="names and addresses the SuperLink certificate is valid for")  # fmt: skip
+    p_exp = sub.add_parser("experiment", help="run a grid of methods x tasks x seeds and tabulate it")
+    p_exp.add_argument("config", nargs="?", help="experiment YAML (see configs/experiments/)")
+    p_exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override an experiment key, e.g. --set seeds=[0] or --set overrides.federation.updates=2")  # fmt: skip
+    p_exp.add_argument("--results-only", action="store_true", help="rebuild results from finished cells")
     sub.add_parser("models", help="list the offline model catalogue")
     sub.add_parser("datasets", help="list the offline dataset catalogue")
     args = parser.parse_args(argv)
@@ -96,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg)
         elif args.command == "flower":
             _flower(args)
+        elif args.command == "experiment":
+            from crosslm.experiment.results import write_results
+            from crosslm.experiment.runner import load_experiment, run_experiment
+
+            exp = load_experiment(args.config, args.overrides)
+            root = (
+                write_results(exp, Path(exp.output_dir) / exp.name)
+                if args.results_only
+                else run_experiment(exp)
+            )
+            print((root / "results.md").read_text())
+            print(f"results: {root / 'results.md'}, {root / 'results.csv'}, {root / 'plots'}")
         return 0
     except CrossLMError as e:
         print("crosslm: error: " + textwrap.fill(str(e), width=100, subsequent_indent="  "), file=sys.stderr)

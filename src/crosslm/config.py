@@ -18,6 +18,16 @@ import yaml
 
 from crosslm.errors import ConfigError
 
+METHOD_NAMES = (
+    "crosslm",
+    "crosslm-no-qg",
+    "crosslm-no-pr",
+    "kd-no-feedback",
+    "fedavg",
+    "standalone",
+    "centralized",
+)
+
 
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with help text (shown by `crosslm run --help-config`)."""
@@ -69,6 +79,10 @@ class ClientConfig:
     batch_size: int = _f(16, "Local batch size.")
     max_length: int = _f(128, "SLM max tokens per text.")
     upload_dtype: str = _f("float16", "Weight dtype on the wire: float16 or float32.")
+    extra_local_epochs: int = _f(
+        0,
+        "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
+    )
 
 
 @dataclass
@@ -104,6 +118,10 @@ class FeedbackConfig:
     )
     tau: float = _f(0.6, "Quality threshold on q for S+ (and for the hard L_QG variant).")
     max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
+    enabled: bool = _f(
+        True,
+        "False = data-free KD without feedback: no SLM scoring, S+ = every generated sample, hard labels.",
+    )
 
 
 @dataclass
@@ -119,6 +137,7 @@ class TuneConfig:
     lambda_task: float = _f(1.0, "Weight of L_task (LLM as verbalizer classifier on S+).")
     alpha: float = _f(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
     hard: bool = _f(False, "Hard L_QG: q thresholded at tau.")
+    qg_weight: float = _f(1.0, "Weight of L_QG (0 = the 'without L_QG' ablation).")
 
 
 @dataclass
@@ -137,6 +156,11 @@ class FederationConfig:
     time_per_example: float = _f(0.05, "Virtual seconds per training example-epoch at speed 1.0.")
     server_update_time: float = _f(30.0, "Virtual seconds one server update takes.")
     max_payload_mb: float = _f(200.0, "Uploads larger than this are rejected.")
+    server_update: str = _f(
+        "crosslm",
+        "What a server update does: 'crosslm' (generate, feedback, tune, distil), 'fedavg' (average the "
+        "latest SLMs of the same architecture) or 'none' (return each SLM unchanged: standalone).",
+    )
 
 
 @dataclass
@@ -173,6 +197,11 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    method: str = _f(
+        "crosslm",
+        "Method preset (sets the keys it needs): crosslm, crosslm-no-qg, crosslm-no-pr, kd-no-feedback, "
+        "fedavg, standalone, centralized. See crosslm/methods.py.",
+    )
     seed: int = _f(0, "Seed for partitioning, sampling, training and the virtual clock.")
     output_dir: str = _f("runs", "Parent folder of run directories.")
     name: str = _f("", "Run directory name; empty = <dataset>-<timestamp>.")
@@ -320,6 +349,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, data, f"config file '{p}'")
     for o in overrides or []:
         set_override(cfg, o)
+    from crosslm.methods import apply_method
+
+    if cfg.method in METHOD_NAMES:
+        apply_method(cfg)  # the method's defining keys win over the file and --set
     validate(cfg)
     return cfg
 
@@ -369,6 +402,20 @@ def validate(cfg: RunConfig) -> None:
     need(0 <= ds.mu <= 1, "distill.mu", "a number in [0, 1]")
     need(ds.temperature > 0, "distill.temperature", "a positive number")
     need(fed.updates >= 1, "federation.updates", "at least 1")
+    need(
+        fed.server_update in ("crosslm", "fedavg", "none"),
+        "federation.server_update",
+        "crosslm, fedavg or none",
+    )
+    need(c.extra_local_epochs >= 0, "clients.extra_local_epochs", "0 or more")
+    need(t.qg_weight >= 0, "tune.qg_weight", "a non-negative weight")
+    need(
+        fb.enabled or (t.steps == 0 and ds.mu == 0),
+        "feedback.enabled",
+        "true unless tune.steps=0 and distill.mu=0 (without SLM scores there is no q to tune on and no "
+        "ensemble to distil)",
+    )
+    need(cfg.method in METHOD_NAMES, "method", f"one of {', '.join(METHOD_NAMES)}")
     need(1 <= fed.buffer_size <= d.num_clients, "federation.buffer_size", f"between 1 and {d.num_clients}")
     fl = cfg.flower
     need(fl.straggler_timeout > 0, "flower.straggler_timeout", "a positive number of seconds")

@@ -106,9 +106,12 @@ def prepare_data(cfg: RunConfig) -> tuple[TaskSpec, FederatedSplit]:
 def build_server(
     cfg: RunConfig, task: TaskSpec, global_test: LabelledTexts, log: RunLog, synthetic: JsonlWriter
 ) -> CrossLMServer:
-    """Load the LLM, wrap it with a fresh LoRA adapter and build the server around it."""
-    llm, tok = load_llm(cfg.llm.model)
-    llm = add_lora(llm, cfg.llm)
+    """Load the LLM, wrap it with a fresh LoRA adapter and build the server around it (a baseline whose
+    server never uses the LLM gets none)."""
+    llm = tok = None
+    if cfg.federation.server_update == "crosslm":
+        llm, tok = load_llm(cfg.llm.model)
+        llm = add_lora(llm, cfg.llm)
     eval_idx = list(range(min(cfg.eval.llm_eval_size, len(global_test))))
     llm_eval = LabelledTexts(
         [global_test.texts[i] for i in eval_idx], [global_test.labels[i] for i in eval_idx]
@@ -151,6 +154,8 @@ def close_run(
 
 
 def run(cfg: RunConfig) -> Path:
+    if cfg.method == "centralized":
+        return run_centralized(cfg)
     setup_torch(cfg)
     d = cfg.data
     task, split = prepare_data(cfg)
@@ -200,12 +205,17 @@ def run(cfg: RunConfig) -> Path:
             }
         )
         server = build_server(cfg, task, split.global_test, log, synthetic)
-        log_perplexity(log, server, general, "start")
-        server.evaluate_llm(0)
+        if server.llm is not None:
+            log_perplexity(log, server, general, "start")
+            server.evaluate_llm(0)
         InProcessRuntime(
             clients, server, cfg.clients, cfg.federation, log=log, clock=log.set_clock, seed=cfg.seed
         ).run()
-        log_perplexity(log, server, general, "end")
+        for c in clients:  # what each client ends the run with (its current weights)
+            log({"event": "client_eval", "client": c.client_id, "round": c.round,
+                 "base_version": c.base_version, **(c.metrics or c.evaluate())})  # fmt: skip
+        if server.llm is not None:
+            log_perplexity(log, server, general, "end")
         completed = True
     except KeyboardInterrupt:
         interrupted = True
@@ -213,7 +223,7 @@ def run(cfg: RunConfig) -> Path:
         if completed:  # models are saved only from a finished run; everything written so far stays valid
             for c in clients:
                 c.save(run_dir / "clients" / c.client_id)
-            if server is not None:
+            if server is not None and server.llm is not None:
                 server.save_adapter(run_dir / "llm_adapter")
         events = close_run(
             run_dir,
@@ -236,3 +246,42 @@ def log_perplexity(log: RunLog, server: CrossLMServer, texts: list[str], stage: 
     cfg = server.cfg
     ppl, n = perplexity(server.llm, server.tokenizer, texts, max_tokens=cfg.eval.general_text_tokens)
     log({"event": "perplexity", "stage": stage, "update": server.update, "perplexity": ppl, "tokens": n})
+
+
+def run_centralized(cfg: RunConfig) -> Path:
+    """The upper bound no federated method may have: one SLM (the first of clients.slms) trained on the
+    union of every client's training data, for as many epochs as one client's local rounds under the
+    configured schedule would give it (U / K + 1 rounds of E epochs), evaluated on the global test split."""
+    from crosslm.catalogue.models import load_slm
+    from crosslm.client.trainer import evaluate, train_supervised
+
+    setup_torch(cfg)
+    task, split = prepare_data(cfg)
+    run_dir = make_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    log = RunLog(run_dir / "metrics.jsonl")
+    synthetic = JsonlWriter(run_dir / "synthetic.jsonl")
+    union = LabelledTexts(
+        [t for part in split.train for t in part.texts], [y for part in split.train for y in part.labels]
+    )
+    slm = str(cfg.clients.slms[0])
+    completed = False
+    try:
+        log({"event": "run_start", "seed": cfg.seed, "dataset": cfg.data.dataset, "labels": list(task.labels),
+             "runtime": "centralized", "clients": [{"client": "centralized", "slm": slm, "train_size": len(union),
+                                                    "label_counts": union.label_counts(task.num_labels)}]})  # fmt: skip
+        model, tok = load_slm(slm, list(task.labels))
+        rounds = cfg.federation.updates // cfg.data.num_clients + 1
+        t0 = time.perf_counter()
+        loss = train_supervised(
+            model, tok, union, task.num_labels, epochs=rounds * cfg.clients.epochs, lr=cfg.clients.lr,
+            batch_size=cfg.clients.batch_size, max_length=cfg.clients.max_length, seed=cfg.seed, desc="centralized",
+        )  # fmt: skip
+        kw = {"batch_size": cfg.eval.batch_size, "max_length": cfg.clients.max_length}
+        metrics = {"global": evaluate(model, tok, split.global_test, task.num_labels, **kw)}
+        log({"event": "client_eval", "client": "centralized", "round": 1, "base_version": 0, "train_loss": loss,
+             "epochs": rounds * cfg.clients.epochs, "seconds": time.perf_counter() - t0, **metrics})  # fmt: skip
+        completed = True
+    finally:
+        close_run(run_dir, log, synthetic, cfg, updates=0, completed=completed, interrupted=False)
+    return run_dir

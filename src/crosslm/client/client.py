@@ -119,6 +119,19 @@ class Client:
         before = self.metrics or self.evaluate()
         self.model.load_state_dict(msg.state_dict, strict=True)
         self.base_version = msg.server_update
+        if self.cfg.extra_local_epochs > 0:  # standalone baseline: the server's effort, spent locally
+            train_supervised(
+                self.model,
+                self.tokenizer,
+                self.data.train,
+                self.task.num_labels,
+                epochs=self.cfg.extra_local_epochs,
+                lr=self.cfg.lr,
+                batch_size=self.cfg.batch_size,
+                max_length=self.cfg.max_length,
+                seed=self.seed * 1000 + self.round + 500,
+                desc=f"{self.client_id} extra local epochs",
+            )
         after = self.metrics = self.evaluate()
         return {
             "event": "enhanced",

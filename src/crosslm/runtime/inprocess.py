@@ -108,5 +108,5 @@ class InProcessRuntime:
                 self._maybe_start_update(ev.t)
             elif ev.kind == "deliver":
                 wire = WireMessage.from_bytes(ev.payload, max_bytes=self.server.max_bytes)
-                self.log(self.clients[ev.client].receive_enhanced(wire))
+                self.log({**self.clients[ev.client].receive_enhanced(wire), "bytes": len(wire)})
                 self._push(ev.t, "start", ev.client)

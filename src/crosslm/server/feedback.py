@@ -63,6 +63,12 @@ class Feedback:
     def predicted(self) -> torch.Tensor:
         return self.ensemble_probs.argmax(-1)
 
+    @classmethod
+    def unscored(cls, n: int, num_labels: int) -> Feedback:
+        """No feedback (the data-free KD baseline): q is NaN and the ensemble is uniform."""
+        return cls(q=torch.full((n,), float("nan")), ensemble_probs=torch.full((n, num_labels), 1.0 / num_labels),
+                   per_client={})  # fmt: skip
+
 
 @torch.no_grad()
 def score(

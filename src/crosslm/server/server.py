@@ -8,6 +8,7 @@ runtime (in-process or Flower) decides when those messages reach their clients.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from crosslm.protocol import (
     encode,
     model_config_dict,
 )
-from crosslm.server.feedback import ClientModel, score, select_good, staleness_weights
+from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
 from crosslm.server.generate import generate_samples
 from crosslm.server.losses import kd_targets
 from crosslm.server.tune_llm import tune_adapter
@@ -139,6 +140,21 @@ class CrossLMServer:
         models = list(self.models.values())
         weights = staleness_weights(models, u - 1, cfg.feedback.gamma)
         staleness = {m.client_id: max(u - 1 - m.base_version, 0) for m in models}
+        if cfg.federation.server_update != "crosslm":  # the baselines' server: no LLM at all
+            responses = [(cid, self._baseline_reply(cid, u)) for cid in triggers]
+            lap(cfg.federation.server_update)
+            self.log(
+                {
+                    "event": "server_update",
+                    "update": u,
+                    "mode": cfg.federation.server_update,
+                    "trigger_clients": triggers,
+                    "staleness": staleness,
+                    "seconds": time.perf_counter() - t0,
+                    "phase_seconds": phases,
+                }
+            )
+            return responses
 
         # 3. generate
         samples, gstats = generate_samples(
@@ -150,22 +166,26 @@ class CrossLMServer:
         # 4. feedback on the whole pool with the current ensemble (it improves as SLMs arrive)
         texts = [e.text for e in self.pool]
         labels = [e.label for e in self.pool]
-        fb = score(
-            texts,
-            labels,
-            models,
-            weights,
-            prior_correction=cfg.feedback.prior_correction,
-            batch_size=cfg.eval.batch_size,
-            max_length=cfg.clients.max_length,
-        )
-        good = select_good(
-            labels,
-            fb,
-            num_labels=self.task.num_labels,
-            tau=cfg.feedback.tau,
-            max_per_label=cfg.feedback.max_per_label,
-        )
+        if cfg.feedback.enabled:
+            fb = score(
+                texts,
+                labels,
+                models,
+                weights,
+                prior_correction=cfg.feedback.prior_correction,
+                batch_size=cfg.eval.batch_size,
+                max_length=cfg.clients.max_length,
+            )
+            good = select_good(
+                labels,
+                fb,
+                num_labels=self.task.num_labels,
+                tau=cfg.feedback.tau,
+                max_per_label=cfg.feedback.max_per_label,
+            )
+        else:  # data-free KD without feedback: nothing is scored, every sample is used with its label
+            fb = Feedback.unscored(len(texts), self.task.num_labels)
+            good = list(range(len(texts)))
         lap("feedback")
         new = range(len(self.pool) - len(samples), len(self.pool))
         for i in new:
@@ -203,7 +223,8 @@ class CrossLMServer:
         ]
         lap("distill")
 
-        self.evaluate_llm(u)
+        if cfg.tune.steps > 0:  # an untuned LLM scores what it scored at update 0
+            self.evaluate_llm(u)
         lap("evaluate_llm")
         new_q = fb.q[list(new)] if samples else torch.zeros(0)
         per_label = [sum(1 for i in good if labels[i] == c) for c in range(self.task.num_labels)]
@@ -268,6 +289,28 @@ class CrossLMServer:
             dtype=self.cfg.clients.upload_dtype,
         )
 
+    def _baseline_reply(self, cid: str, u: int) -> WireMessage:
+        """'none': the client's own SLM back (standalone); 'fedavg': the example-weighted average of the
+        latest SLMs of every client that shares its architecture (model type and config)."""
+        m = self.models[cid]
+        state = m.model.state_dict()
+        if self.cfg.federation.server_update == "fedavg":
+            group = fedavg_group(m, list(self.models.values()))
+            state = fedavg_state([g.model.state_dict() for g in group], [g.num_examples for g in group])
+            self.log({"event": "fedavg", "update": u, "client": cid, "group": [g.client_id for g in group]})
+        return encode(
+            SLMEnhanced(
+                client_id=cid,
+                slm=m.slm,
+                model_type=m.model.config.model_type,
+                model_config=model_config_dict(m.model),
+                labels=list(self.task.labels),
+                server_update=u,
+                state_dict=state,
+            ),
+            dtype=self.cfg.clients.upload_dtype,
+        )
+
     def evaluate_llm(self, update: int) -> dict[str, Any]:
         metrics = evaluate_llm(
             self.llm,
@@ -296,6 +339,28 @@ class CrossLMServer:
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
             raise CrossLMError(f"adapter in '{path}' does not match this LLM (unexpected {missing[0]})")
+
+
+def fedavg_group(target: ClientModel, models: list[ClientModel]) -> list[ClientModel]:
+    """The clients FedAvg may average with `target`: the same architecture, exactly (type and config)."""
+    key = (target.model.config.model_type, json.dumps(model_config_dict(target.model), sort_keys=True))
+    return [
+        m
+        for m in models
+        if (m.model.config.model_type, json.dumps(model_config_dict(m.model), sort_keys=True)) == key
+    ]
+
+
+def fedavg_state(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    """sum_j n_j * theta_j / sum_j n_j, tensor by tensor (integer buffers are taken from the first)."""
+    total = float(sum(weights))
+    out = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            out[k] = sum(s[k].float() * (w / total) for s, w in zip(states, weights, strict=True)).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
 
 
 class _Lap:

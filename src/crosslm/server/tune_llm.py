@@ -70,7 +70,7 @@ def tune_adapter(
         opt.zero_grad(set_to_none=True)
         step = {"qg": 0.0, "pr": 0.0, "task": 0.0}
         # Gradient accumulation over micro-batches: the same loss and gradient, a fraction of the memory.
-        for s in range(0, len(rows), micro):
+        for s in range(0, len(rows) if cfg.qg_weight > 0 or cfg.alpha > 0 else 0, micro):
             part = rows[s : s + micro]
             batch = pair_batch([prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id)
             q = torch.tensor([qq for _, _, qq in part], dtype=torch.float)
@@ -78,7 +78,7 @@ def tune_adapter(
             l_qg = quality_guided_loss(
                 gather_logprobs(logits, batch), batch.target_mask, q, beta=cfg.beta, hard=cfg.hard, tau=tau
             ) * (len(part) / len(rows))
-            loss = l_qg
+            loss = cfg.qg_weight * l_qg
             if cfg.alpha > 0:
                 with torch.no_grad(), model.disable_adapter():
                     base = next_token_logits(model, batch)
@@ -99,7 +99,7 @@ def tune_adapter(
             step["task"] = float(l_task.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step["total"] = step["qg"] + cfg.lambda_task * step["task"] + cfg.alpha * step["pr"]
+        step["total"] = cfg.qg_weight * step["qg"] + cfg.lambda_task * step["task"] + cfg.alpha * step["pr"]
         for k, v in step.items():
             sums[k] += v / cfg.steps
     model.eval()

@@ -1,0 +1,306 @@
+"""From finished cells to the experiment's table: results.csv (one row per cell), results.md (mean and
+standard deviation over seeds, the targets the table is held against) and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from crosslm.io import atomic_write_text, read_jsonl
+
+ZERO_SHOT = "llm-zero-shot"  # a row read from the CrossLM cells' update-0 evaluation, not a run of its own
+COLUMNS = [
+    "task", "method", "seed", "slm_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "llm_acc", "llm_raw_acc",
+    "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
+    "fidelity_q_ge_tau", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
+    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds",
+]  # fmt: skip
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
+    """The measures of one finished cell (SLM numbers on the global test split unless named local)."""
+    ev = read_jsonl(run_dir / "metrics.jsonl")
+    by: dict[str, list[dict]] = defaultdict(list)
+    for e in ev:
+        by[str(e.get("event"))].append(e)
+    final = {e["client"]: e for e in by["client_eval"]}  # the last evaluation of each client
+    start = {e["client"]: e for e in by["client_trained"] if e.get("round") == 1}
+    llm = [e for e in by["llm_eval"]]
+    tuned = [e for e in llm if e["update"] > 0]
+    last = tuned[-1] if tuned else (llm[0] if llm else {})
+    ppl = {e["stage"]: e["perplexity"] for e in by["perplexity"]}
+    updates = by["server_update"]
+    row: dict[str, Any] = {
+        "slm_acc": _mean([_get(e, "global", "accuracy") for e in final.values()]),
+        "slm_f1": _mean([_get(e, "global", "macro_f1") for e in final.values()]),
+        "slm_local_acc": _mean([_get(e, "local", "accuracy") for e in final.values()]),
+        "slm_start_acc": _mean([_get(e, "global", "accuracy") for e in start.values()]),
+        "llm_raw_acc": last.get("raw_accuracy", float("nan")),
+        "llm_cal_acc": last.get("calibrated_accuracy", float("nan")),
+        "ppl_start": ppl.get("start", float("nan")),
+        "ppl_end": ppl.get("end", float("nan")),
+        "distinct2_first": updates[0].get("distinct2", float("nan")) if updates else float("nan"),
+        "distinct2_last": updates[-1].get("distinct2", float("nan")) if updates else float("nan"),
+        "upload_mib_per_client": _per_client_mib(by["upload"], "bytes", accepted_only=True),
+        "download_mib_per_client": _per_client_mib(by["enhanced"], "bytes"),
+        "client_seconds": sum(e.get("seconds", 0.0) for e in by["client_trained"]),
+        "server_seconds": sum(e.get("seconds", 0.0) for e in updates),
+        "wall_seconds": by["run_end"][-1].get("wall", float("nan")) if by["run_end"] else float("nan"),
+        "per_client": {c: _get(e, "global", "accuracy") for c, e in final.items()},
+        "llm_zero_shot": max(llm[0].get("raw_accuracy", 0), llm[0].get("calibrated_accuracy", 0))
+        if llm
+        else None,
+    }
+    row["llm_acc"] = _nanmax(row["llm_raw_acc"], row["llm_cal_acc"])
+    row["ppl_change_pct"] = 100 * (row["ppl_end"] / row["ppl_start"] - 1) if ppl else float("nan")
+    syn = read_jsonl(run_dir / "synthetic.jsonl") if (run_dir / "synthetic.jsonl").exists() else []
+    row["synthetic"] = len(syn)
+    row.update(fidelity_first=float("nan"), fidelity_last=float("nan"), fidelity_q_ge_tau=float("nan"))
+    if judge is not None and syn:
+        from crosslm.evaluation.judge import label_fidelity
+
+        model, tok, labels, tau = judge
+
+        def fid(rows: list[dict]) -> float:
+            return label_fidelity(
+                model, tok, [r["text"] for r in rows], [labels.index(r["label"]) for r in rows]
+            )
+
+        first, last_u = min(r["update"] for r in syn), max(r["update"] for r in syn)
+        row["fidelity_first"] = fid([r for r in syn if r["update"] == first])
+        row["fidelity_last"] = fid([r for r in syn if r["update"] == last_u])
+        scored = [
+            r for r in syn if isinstance(r.get("q"), float) and not math.isnan(r["q"]) and r["q"] >= tau
+        ]
+        row["fidelity_q_ge_tau"] = fid(scored) if scored else float("nan")
+    return row
+
+
+def _get(d: dict, *keys: str) -> float | None:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return float(d) if isinstance(d, int | float) else None
+
+
+def _nanmax(a: float, b: float) -> float:
+    vals = [x for x in (a, b) if x is not None and not math.isnan(x)]
+    return max(vals) if vals else float("nan")
+
+
+def _per_client_mib(events: list[dict], key: str, accepted_only: bool = False) -> float:
+    per: dict[str, int] = defaultdict(int)
+    for e in events:
+        if key in e and (not accepted_only or e.get("accepted")):
+            per[str(e.get("client"))] += int(e[key])
+    return _mean([v / 2**20 for v in per.values()]) if per else 0.0
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return sum(xs) / len(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(m: float, s: float, scale: float = 100.0, digits: int = 1) -> str:
+    if math.isnan(m):
+        return "–"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def write_results(exp: Any, root: Path) -> Path:
+    """Judge, measure and tabulate every finished cell of the experiment under `root`."""
+    from crosslm.experiment.runner import cell_config, cell_done, cell_name, cells
+
+    rows: list[dict[str, Any]] = []
+    judges: dict[tuple[str, int], Any] = {}
+    judge_info: dict[str, dict] = {}
+    for task, method, seed in cells(exp):
+        run_dir = root / "cells" / cell_name(task, method, seed)
+        if not cell_done(run_dir):
+            continue
+        cfg = cell_config(exp, task, method, seed, root / "cells")
+        if (task, seed) not in judges:
+            judges[(task, seed)] = _judge(cfg, exp)
+        model, tok, labels, info = judges[(task, seed)]
+        judge_info[f"{task}, seed {seed}"] = info
+        row = {"task": task, "method": method, "seed": seed,
+               **cell_row(run_dir, (model, tok, labels, cfg.feedback.tau))}  # fmt: skip
+        rows.append(row)
+        if method == "crosslm" and row["llm_zero_shot"] is not None:
+            rows.append({"task": task, "method": ZERO_SHOT, "seed": seed, "llm_acc": row["llm_zero_shot"],
+                         "ppl_start": row["ppl_start"], "ppl_end": row["ppl_start"], "ppl_change_pct": 0.0})  # fmt: skip
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in COLUMNS})
+    atomic_write_text(root / "results.csv", buf.getvalue())
+    atomic_write_text(root / "results.md", results_markdown(rows, exp, judge_info))
+    plot_curves(root, exp)
+    return root
+
+
+def _judge(cfg: Any, exp: Any) -> tuple[Any, Any, list[str], dict]:
+    from crosslm.catalogue.datasets import load_task_data
+    from crosslm.evaluation.judge import judge_training_data, load_judge
+    from crosslm.run import prepare_data
+
+    task, split = prepare_data(cfg)
+    _, data = load_task_data(cfg.data)
+    train = judge_training_data(data, split.global_test_idx, exp.judge_max_examples, cfg.seed)
+    model, tok, info = load_judge(task, train, split.global_test, epochs=exp.judge_epochs, seed=cfg.seed)
+    return model, tok, list(task.labels), info
+
+
+TABLES = [
+    ("SLM accuracy on the global test split (%), final", "slm_acc", 100.0),
+    ("SLM macro-F1 on the global test split (%), final", "slm_f1", 100.0),
+    ("SLM accuracy on each client's own test split (%), final", "slm_local_acc", 100.0),
+    ("LLM task accuracy (%), best of raw and calibrated", "llm_acc", 100.0),
+    ("LLM held-out perplexity change (%)", "ppl_change_pct", 1.0),
+    ("Synthetic label fidelity, judge (%), last update's samples", "fidelity_last", 100.0),
+    ("Synthetic label fidelity, judge (%), first update's samples", "fidelity_first", 100.0),
+    ("Synthetic distinct-2, last update", "distinct2_last", 1.0),
+    ("Upload per client (MiB)", "upload_mib_per_client", 1.0),
+    ("Client compute (s, all clients)", "client_seconds", 1.0),
+    ("Server compute (s)", "server_seconds", 1.0),
+]
+
+
+def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dict] | None = None) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = [m for m in [*exp.methods, ZERO_SHOT] if any(r["method"] == m for r in rows)]
+    seeds = sorted({r["seed"] for r in rows})
+    out = [f"# Experiment '{exp.name}'", "",
+           f"Tasks: {', '.join(tasks)}; seeds: {seeds}; each cell is one `crosslm run` with the method's preset "
+           f"on `{exp.base_config}` + {exp.overrides or 'no overrides'}. Mean ± standard deviation over seeds.", ""]  # fmt: skip
+    for title, key, scale in TABLES:
+        lines = [f"## {title}", "", "| method | " + " | ".join(tasks) + " | mean over tasks |",
+                 "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
+        any_value = False
+        for m in methods:
+            if math.isnan(mean_std([r.get(key) for r in rows if r["method"] == m])[0]):
+                continue  # a method this measure does not apply to
+            cells_ = []
+            task_means = []
+            for t in tasks:
+                mu, sd = mean_std([r.get(key) for r in rows if r["task"] == t and r["method"] == m])
+                cells_.append(_fmt(mu, sd, scale, 1 if scale == 100 else 2))
+                task_means.append(mu)
+                any_value |= not math.isnan(mu)
+            overall = _mean(task_means)
+            lines.append(
+                f"| {m} | "
+                + " | ".join(cells_)
+                + f" | {_fmt(overall, 0.0, scale, 1 if scale == 100 else 2).split(' ±')[0]} |"
+            )
+        if any_value:
+            out += [*lines, ""]
+    out += targets_section(rows, tasks)
+    if judges:
+        out += ["## The fidelity judge", "", "An SLM trained centrally on the task's training data outside the "
+                "global test split; used only to measure label fidelity, never by a method.", "",
+                "| task | SLM | training examples | epochs | its global-test accuracy |", "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+        for name, info in judges.items():
+            acc = info.get("global_test", {}).get("accuracy", float("nan"))
+            out.append(
+                f"| {name} | {info.get('slm')} | {info.get('train_size')} | {info.get('epochs')} | {100 * acc:.1f} % |"
+            )
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _task_mean(rows: list[dict], method: str, key: str, task: str) -> float:
+    return mean_std([r.get(key) for r in rows if r["task"] == task and r["method"] == method])[0]
+
+
+def targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """The issue's targets, each with the measured numbers and met / missed."""
+
+    def avg(method: str, key: str) -> float:
+        return _mean([_task_mean(rows, method, key, t) for t in tasks])
+
+    checks = []
+    c, s, k = avg("crosslm", "slm_acc"), avg("standalone", "slm_acc"), avg("kd-no-feedback", "slm_acc")
+    checks.append(("SLM: CrossLM ≥ standalone + 10 pp", c, s, 100 * (c - s), 100 * (c - s) >= 10))
+    checks.append(("SLM: CrossLM ≥ KD without feedback + 3 pp", c, k, 100 * (c - k), 100 * (c - k) >= 3))
+    f = avg("crosslm", "fidelity_last")
+    checks.append(("Synthetic fidelity after the feedback loop ≥ 90 %", f, float("nan"), 100 * f, f >= 0.9))
+    d1, d2 = avg("crosslm", "distinct2_first"), avg("crosslm", "distinct2_last")
+    drop = 100 * (1 - d2 / d1) if d1 else float("nan")
+    checks.append(("distinct-2 falls by ≤ 10 %", d2, d1, drop, drop <= 10))
+    llm, zs = avg("crosslm", "llm_acc"), avg(ZERO_SHOT, "llm_acc")
+    checks.append(
+        ("LLM: CrossLM ≥ best zero-shot + 15 pp", llm, zs, 100 * (llm - zs), 100 * (llm - zs) >= 15)
+    )
+    p = avg("crosslm", "ppl_change_pct")
+    checks.append(("Perplexity rises by ≤ 1 %", p, float("nan"), p, p <= 1))
+    lines = ["## Targets (averaged over tasks)", "", "| target | measured | reference | difference | |",
+             "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for name, a, b, diff, ok in checks:
+        fa = "–" if math.isnan(a) else f"{a:.4g}"
+        fb = "–" if math.isnan(b) else f"{b:.4g}"
+        status = "–" if math.isnan(diff) else ("met" if ok else "**missed**")
+        lines.append(f"| {name} | {fa} | {fb} | {'–' if math.isnan(diff) else f'{diff:+.1f}'} | {status} |")
+    return [*lines, ""]
+
+
+def plot_curves(root: Path, exp: Any) -> None:
+    """Per-update curves of each task's CrossLM cells: SLM and LLM accuracy and synthetic-data quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crosslm.experiment.runner import cell_done, cell_name
+
+    (root / "plots").mkdir(exist_ok=True)
+    for task in exp.tasks:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        for method in exp.methods:
+            for seed in exp.seeds:
+                run_dir = root / "cells" / cell_name(task, method, seed)
+                if not cell_done(run_dir):
+                    continue
+                ev = read_jsonl(run_dir / "metrics.jsonl")
+                enh = [e for e in ev if e.get("event") == "enhanced"]
+                pts = [(e["update"], _get(e, "after", "global", "accuracy")) for e in enh]
+                pts = [(u, 100 * a) for u, a in pts if a is not None]
+                if pts:
+                    axes[0].plot(*zip(*pts, strict=True), ".-", alpha=0.7, label=f"{method} s{seed}")
+
+                llm = [e for e in ev if e.get("event") == "llm_eval"]
+                if len(llm) > 1:
+                    axes[1].plot([e["update"] for e in llm], [100 * e["calibrated_accuracy"] for e in llm], ".-",
+                                 label=f"{method} s{seed}")  # fmt: skip
+                ups = [e for e in ev if e.get("event") == "server_update" and "mean_q" in e]
+                if ups:
+                    axes[2].plot(
+                        [e["update"] for e in ups],
+                        [e["mean_q"] for e in ups],
+                        ".-",
+                        label=f"{method} s{seed}",
+                    )
+        for ax, title in zip(axes, ["SLM global accuracy after enhancement (%)", "LLM calibrated accuracy (%)",
+                                    "mean q of new synthetic samples"], strict=True):  # fmt: skip
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("server update")
+            if ax.lines:
+                ax.legend(fontsize=6)
+        fig.suptitle(task)
+        fig.tight_layout()
+        fig.savefig(root / "plots" / f"{Path(task).stem}_curves.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,132 @@
+"""The experiment grid: every (task, method, seed) cell is one main job with the method's preset.
+
+Cells run one after another (this is a 2-core machine) into `<output_dir>/<name>/cells/`; a finished
+cell is never run again, an unfinished one is started over, so an interrupted experiment resumes where
+it stopped. The resolved experiment config is saved beside the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosslm.config import METHOD_NAMES, _f, load_config
+from crosslm.errors import ConfigError
+from crosslm.io import atomic_write_text, read_jsonl
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("experiment", "Folder name of this experiment under output_dir.")
+    output_dir: str = _f("runs/experiments", "Parent folder of experiments.")
+    base_config: str = _f("configs/default.yaml", "crosslm config every cell starts from.")
+    overrides: dict = _f({}, "crosslm config keys set in every cell, e.g. {federation.updates: 3}.")
+    methods: list = _f(list(METHOD_NAMES), f"Methods to compare: {', '.join(METHOD_NAMES)}.")
+    tasks: list = _f(["rotten-tomatoes", "bbc-news", "trec"], "Datasets (catalogue names, ids or files).")
+    seeds: list = _f([0, 1, 2], "Seeds; every (task, method) runs once per seed.")
+    judge_max_examples: int = _f(
+        3000, "Training examples of the independent fidelity judge (per task, seed)."
+    )
+    judge_epochs: int = _f(2, "Training epochs of the judge.")
+
+
+def load_experiment(path: str | None, overrides: list[str]) -> ExperimentConfig:
+    exp = ExperimentConfig()
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"experiment config '{p}' does not exist.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"experiment config '{p}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"experiment config '{p}' must be a mapping of keys to values.")
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"--set expects key=value, got {o!r} (e.g. --set seeds=[0]).")
+        k, v = o.split("=", 1)
+        if k.startswith("overrides."):
+            data.setdefault("overrides", {})[k[len("overrides.") :]] = yaml.safe_load(v)
+        else:
+            data[k] = yaml.safe_load(v)
+    names = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(f"unknown experiment key '{k}'; known: {', '.join(names)}.")
+        expected = type(getattr(exp, k))
+        if expected is float and isinstance(v, int):
+            v = float(v)
+        if not isinstance(v, expected):
+            raise ConfigError(f"experiment key '{k}' = {v!r}: expected a {expected.__name__}.")
+        setattr(exp, k, v)
+    bad = [m for m in exp.methods if m not in METHOD_NAMES]
+    if bad:
+        raise ConfigError(
+            f"experiment key 'methods' has unknown method '{bad[0]}'; known: {', '.join(METHOD_NAMES)}."
+        )
+    if not exp.methods or not exp.tasks or not exp.seeds:
+        raise ConfigError("experiment keys 'methods', 'tasks' and 'seeds' must each list at least one value.")
+    for c in cells(exp):  # every cell's config is checked before the first one runs
+        cell_config(exp, *c, Path("/nonexistent"))
+    return exp
+
+
+def cells(exp: ExperimentConfig) -> list[tuple[str, str, int]]:
+    """(task, method, seed) in run order: for each task and seed, CrossLM first (the other methods'
+    rows are read against it), then the rest."""
+    order = sorted(exp.methods, key=lambda m: (m != "crosslm", exp.methods.index(m)))
+    return [(t, m, int(s)) for t in exp.tasks for s in exp.seeds for m in order]
+
+
+def cell_name(task: str, method: str, seed: int) -> str:
+    return f"{Path(task).stem}__{method}__seed{seed}"
+
+
+def cell_config(exp: ExperimentConfig, task: str, method: str, seed: int, cells_dir: Path):
+    sets = [f"{k}={_yaml(v)}" for k, v in exp.overrides.items()]
+    sets += [f"data.dataset={task}", f"seed={seed}", f"method={method}", f"output_dir={cells_dir}",
+             f"name={cell_name(task, method, seed)}"]  # fmt: skip
+    base = exp.base_config if exp.base_config else None
+    return load_config(base, sets)
+
+
+def _yaml(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def cell_done(run_dir: Path) -> bool:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return False
+    ends = [e for e in read_jsonl(run_dir / "metrics.jsonl") if e.get("event") == "run_end"]
+    return bool(ends) and ends[-1].get("reason") == "completed"
+
+
+def run_experiment(exp: ExperimentConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    from crosslm.experiment.results import write_results
+    from crosslm.run import run
+
+    root = Path(exp.output_dir) / exp.name
+    cells_dir = root / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "experiment.yaml", yaml.safe_dump(dataclasses.asdict(exp), sort_keys=False))
+    grid = cells(exp)
+    bar = tqdm(grid, desc="experiment cells", unit="cell")
+    for task, method, seed in bar:
+        bar.set_postfix_str(cell_name(task, method, seed))
+        cfg = cell_config(exp, task, method, seed, cells_dir)
+        run_dir = cells_dir / cell_name(task, method, seed)
+        if cell_done(run_dir):
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an unfinished cell starts over; finished ones are kept
+        run(cfg)
+    return write_results(exp, root)

@@ -1,0 +1,49 @@
+"""The methods an experiment compares, each a preset of config keys over the same main job.
+
+A preset only sets the keys that define the method; everything else (data, models, budgets) stays as
+configured, so every method gets the same clients, the same local training and the same compute budget.
+
+crosslm          the full method: L_QG + lambda_task * L_task + alpha * L_PR, feedback-filtered S+, KD
+crosslm-no-qg    ablation: no L_QG (the LLM is tuned by L_task and L_PR only)
+crosslm-no-pr    ablation: no L_PR (alpha = 0)
+kd-no-feedback   data-free KD: the untuned LLM generates, no SLM scoring, no filtering, SLMs distilled on
+                 every synthetic sample with its intended label
+fedavg           asynchronous FedAvg of SLMs, only among clients that share an architecture
+standalone       local training only; each server reply is replaced by `distill.epochs` extra local epochs,
+                 so a standalone client gets the same schedule and as many training epochs as under CrossLM
+centralized      one SLM trained on the union of all clients' training data (an upper bound that no
+                 federated method may see; see crosslm.run.run_centralized)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crosslm.config import METHOD_NAMES
+
+METHODS: dict[str, dict[str, Any]] = {
+    "crosslm": {},
+    "crosslm-no-qg": {"tune.qg_weight": 0.0},
+    "crosslm-no-pr": {"tune.alpha": 0.0},
+    "kd-no-feedback": {"feedback.enabled": False, "tune.steps": 0, "distill.mu": 0.0},
+    "fedavg": {"federation.server_update": "fedavg"},
+    "standalone": {"federation.server_update": "none", "clients.extra_local_epochs": "distill.epochs"},
+    "centralized": {},
+}
+
+assert tuple(METHODS) == METHOD_NAMES
+
+# Methods whose server never touches the LLM: it is not loaded, and their LLM row is the zero-shot one.
+WITHOUT_LLM = frozenset({"fedavg", "standalone", "centralized"})
+
+
+def apply_method(cfg: Any) -> Any:
+    """Set the keys of `cfg.method` on `cfg` (in place) and return it. A value naming another key
+    ("distill.epochs") copies that key's value, so matched budgets follow the config."""
+    from crosslm.config import _get, set_override
+
+    for key, value in METHODS[cfg.method].items():
+        if isinstance(value, str) and "." in value:
+            value = _get(cfg, value)
+        set_override(cfg, f"{key}={value}")
+    return cfg

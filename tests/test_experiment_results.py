@@ -1,0 +1,77 @@
+"""The experiment's measures and table, from hand-written cell logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from crosslm.errors import ConfigError
+from crosslm.experiment.results import ZERO_SHOT, cell_row, mean_std, results_markdown
+from crosslm.experiment.runner import cells, load_experiment
+
+
+def _write(path, events):
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
+    g = lambda a: {"global": {"accuracy": a, "macro_f1": a - 0.1}, "local": {"accuracy": a + 0.1}}  # noqa: E731
+    _write(tmp_path / "metrics.jsonl", [
+        {"event": "client_trained", "client": "a", "round": 1, "seconds": 2.0, **g(0.5)},
+        {"event": "client_trained", "client": "b", "round": 1, "seconds": 3.0, **g(0.7)},
+        {"event": "upload", "client": "a", "accepted": True, "bytes": 2 * 2**20},
+        {"event": "upload", "client": "b", "accepted": False, "bytes": 9 * 2**20},
+        {"event": "llm_eval", "update": 0, "raw_accuracy": 0.6, "calibrated_accuracy": 0.65},
+        {"event": "server_update", "update": 1, "distinct2": 0.8, "seconds": 10.0},
+        {"event": "llm_eval", "update": 1, "raw_accuracy": 0.7, "calibrated_accuracy": 0.68},
+        {"event": "server_update", "update": 2, "distinct2": 0.76, "seconds": 12.0},
+        {"event": "enhanced", "client": "a", "update": 1, "bytes": 2**20},
+        {"event": "perplexity", "stage": "start", "perplexity": 20.0},
+        {"event": "perplexity", "stage": "end", "perplexity": 20.1},
+        {"event": "client_eval", "client": "a", **g(0.6)},
+        {"event": "client_eval", "client": "b", **g(0.8)},
+        {"event": "run_end", "reason": "completed", "wall": 99.0},
+    ])  # fmt: skip
+    r = cell_row(tmp_path)
+    assert r["slm_acc"] == pytest.approx(0.7) and r["slm_start_acc"] == pytest.approx(0.6)
+    assert r["slm_f1"] == pytest.approx(0.6) and r["slm_local_acc"] == pytest.approx(0.8)
+    assert r["llm_acc"] == 0.7 and r["llm_zero_shot"] == 0.65
+    assert r["ppl_change_pct"] == pytest.approx(0.5)
+    assert (r["distinct2_first"], r["distinct2_last"]) == (0.8, 0.76)
+    assert (
+        r["upload_mib_per_client"] == 2.0 and r["download_mib_per_client"] == 1.0
+    )  # refused uploads excluded
+    assert r["client_seconds"] == 5.0 and r["server_seconds"] == 22.0 and math.isnan(r["fidelity_last"])
+
+
+def test_table_and_targets_report_mean_std_and_missed_targets():
+    rows = []
+    for seed, (c, s, k) in enumerate([(0.70, 0.55, 0.66), (0.72, 0.57, 0.70)]):
+        rows += [
+            {"task": "t", "method": "crosslm", "seed": seed, "slm_acc": c, "llm_acc": 0.8, "fidelity_last": 0.92,
+             "distinct2_first": 0.8, "distinct2_last": 0.78, "ppl_change_pct": 0.2},
+            {"task": "t", "method": "standalone", "seed": seed, "slm_acc": s},
+            {"task": "t", "method": "kd-no-feedback", "seed": seed, "slm_acc": k},
+            {"task": "t", "method": ZERO_SHOT, "seed": seed, "llm_acc": 0.7},
+        ]  # fmt: skip
+    exp = SimpleNamespace(
+        name="x", methods=["crosslm", "standalone", "kd-no-feedback"], base_config="b", overrides={}
+    )
+    md = results_markdown(rows, exp)
+    assert "| crosslm | 71.0 ± 1.4 |" in md and "| standalone | 56.0 ± 1.4 |" in md
+    assert "SLM: CrossLM ≥ standalone + 10 pp | 0.71 | 0.56 | +15.0 | met |" in md
+    assert "SLM: CrossLM ≥ KD without feedback + 3 pp | 0.71 | 0.68 | +3.0 | met |" in md
+    assert "LLM: CrossLM ≥ best zero-shot + 15 pp | 0.8 | 0.7 | +10.0 | **missed** |" in md
+    assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142, rel=1e-3))
+
+
+def test_experiment_config_is_checked_before_anything_runs(tmp_path):
+    exp = load_experiment(None, ["methods=[standalone, crosslm]", "tasks=[trec]", "seeds=[1, 2]"])
+    assert cells(exp)[0] == ("trec", "crosslm", 1)  # CrossLM first in each (task, seed)
+    for bad, why in [(["methods=[fedprox]"], "fedprox"), (["seeds=[]"], "at least one"), (["sed=[1]"], "unknown"),
+                     (["overrides.tune.alpah=1"], "tune.alpah")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=why):
+            load_experiment(None, bad)

@@ -1,0 +1,122 @@
+"""Each baseline's distinct logic: the presets, FedAvg's architecture groups, KD without feedback really
+skipping feedback, standalone getting its own weights back, centralized seeing the union."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosslm.config import load_config
+from crosslm.errors import ConfigError
+from crosslm.protocol import decode, encode
+from crosslm.server.feedback import ClientModel
+from crosslm.server.generate import GeneratedSample, GenerationStats
+from crosslm.server.server import CrossLMServer, fedavg_group, fedavg_state
+from crosslm.task import LabelledTexts
+from tests.conftest import make_classifier
+from tests.test_server_receive import TASK, _upload
+
+
+def test_presets_set_the_keys_that_define_each_method():
+    c = load_config(None, ["method=standalone", "distill.epochs=7"])
+    assert c.federation.server_update == "none" and c.clients.extra_local_epochs == 7  # matched effort
+    c = load_config(None, ["method=kd-no-feedback"])
+    assert (c.feedback.enabled, c.tune.steps, c.distill.mu) == (False, 0, 0.0)
+    assert load_config(None, ["method=crosslm-no-qg"]).tune.qg_weight == 0.0
+    assert load_config(None, ["method=crosslm-no-pr"]).tune.alpha == 0.0
+    assert load_config(None, ["method=fedavg"]).federation.server_update == "fedavg"
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, ["method=fedprox"])
+    with pytest.raises(ConfigError, match="feedback.enabled"):
+        load_config(None, ["feedback.enabled=false"])  # no scores, yet tuning on q: refused
+
+
+def _cm(cid: str, kind: str, n: int, seed: int) -> ClientModel:
+    return ClientModel(cid, "minilm-l6", make_classifier(kind, 100, seed=seed), None, n, [1, 1], 0, 1)
+
+
+def test_fedavg_averages_only_clients_that_share_an_architecture():
+    a, b, c = _cm("a", "bert", 30, 0), _cm("b", "bert", 10, 1), _cm("c", "distilbert", 50, 2)
+    assert [m.client_id for m in fedavg_group(a, [a, b, c])] == ["a", "b"]
+    assert [m.client_id for m in fedavg_group(c, [a, b, c])] == ["c"]
+    avg = fedavg_state([a.model.state_dict(), b.model.state_dict()], [30, 10])
+    k = "classifier.weight"
+    expected = 0.75 * a.model.state_dict()[k] + 0.25 * b.model.state_dict()[k]
+    assert torch.allclose(avg[k], expected)
+
+
+def _server(method: str, **sets: str) -> CrossLMServer:
+    cfg = load_config(None, [f"method={method}", *[f"{k}={v}" for k, v in sets.items()]])
+    log: list[dict] = []
+    srv = CrossLMServer(cfg, TASK, object(), None, LabelledTexts(), log=log.append, log_synthetic=log.append)
+    srv.events = log
+    return srv
+
+
+def test_standalone_server_returns_each_slm_unchanged():
+    srv = _server("standalone")
+    model = make_classifier("bert", 100, seed=3)
+    srv.receive(encode(_upload(model)), sender="client-0")
+    [(cid, wire)] = srv.step()
+    back = decode(wire, expected_labels=["neg", "pos"], max_bytes=1 << 30, expected_type="slm_enhanced")
+    assert cid == "client-0"
+    sd = model.state_dict()
+    assert all(torch.allclose(back.state_dict[k].float(), sd[k].float(), atol=1e-2) for k in sd)
+
+
+def test_kd_without_feedback_never_scores_and_distils_every_sample_on_its_label(monkeypatch):
+    srv = _server("kd-no-feedback", **{"distill.epochs": 1})
+    srv.receive(encode(_upload(make_classifier("bert", 100))), sender="client-0")
+    samples = [GeneratedSample(f"sample number {i}", i % 2, f"h{i}") for i in range(6)]
+    monkeypatch.setattr(
+        "crosslm.server.server.generate_samples", lambda *a, **k: (samples, GenerationStats(6, 6, 60, 1.0))
+    )
+
+    def no_scoring(*a, **k):
+        raise AssertionError("the no-feedback baseline must not score with the SLMs")
+
+    monkeypatch.setattr("crosslm.server.server.score", no_scoring)
+    seen = {}
+
+    def fake_fit(model, tok, texts, targets, **kw):
+        seen.update(texts=list(texts), targets=targets.clone())
+        return 0.0
+
+    monkeypatch.setattr("crosslm.server.server.fit", fake_fit)
+    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
+    srv.models["client-0"].tokenizer = None
+    srv.step()
+    assert seen["texts"] == [s.text for s in samples]  # no filtering
+    assert torch.equal(
+        seen["targets"], torch.nn.functional.one_hot(torch.tensor([i % 2 for i in range(6)]), 2).float()
+    )
+    update = next(e for e in srv.events if e.get("event") == "server_update")
+    assert update["splus_size"] == 6 and update["loss"]["total"] == 0.0  # no LLM tuning either
+
+
+def test_centralized_trains_one_slm_on_the_union_of_the_clients_data(tmp_path, monkeypatch):
+    from crosslm.run import prepare_data, run
+
+    cfg = load_config(None, ["method=centralized", f"output_dir={tmp_path}", "name=c", "data.num_clients=3",
+                             "data.train_per_client=20", "data.test_per_client=5", "data.global_test_size=30",
+                             "federation.updates=3", "clients.epochs=2"])  # fmt: skip
+    _, split = prepare_data(cfg)
+    got = {}
+
+    def fake_train(model, tok, data, n, **kw):
+        got.update(texts=list(data.texts), epochs=kw["epochs"])
+        return 0.1
+
+    monkeypatch.setattr("crosslm.client.trainer.train_supervised", fake_train)
+    monkeypatch.setattr(
+        "crosslm.catalogue.models.load_slm", lambda s, labels: (make_classifier("bert", 100), _Tok())
+    )
+    monkeypatch.setattr("crosslm.client.trainer.evaluate", lambda *a, **k: {"accuracy": 0.5, "macro_f1": 0.5})
+    run(cfg)
+    assert sorted(got["texts"]) == sorted(t for part in split.train for t in part.texts)
+    assert got["epochs"] == (3 // 3 + 1) * 2  # one client's rounds x E, on the union
+    assert (tmp_path / "c" / "report.md").exists()
+
+
+class _Tok:
+    pass
