@@ -45,6 +45,9 @@ def test_tiny_grid_runs_tabulates_and_resumes(tmp_path):
     # standalone ran the same schedule as CrossLM, with the server's epochs spent locally
     import json
 
+    cl = [json.loads(x) for x in (cells[0] / "metrics.jsonl").read_text().splitlines()]
+    zero = next(e for e in cl if e["event"] == "llm_eval" and e["update"] == 0)
+    assert set(zero["label_word_variants"]) == {"lowercase", "uppercase"}  # the baseline's other label words
     st = [json.loads(x) for x in (cells[1] / "metrics.jsonl").read_text().splitlines()]
     assert [e["mode"] for e in st if e["event"] == "server_update"] == ["none", "none"]
     stamps = {c.name: (c / "metrics.jsonl").stat().st_mtime for c in cells}

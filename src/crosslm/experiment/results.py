@@ -57,9 +57,7 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "server_seconds": sum(e.get("seconds", 0.0) for e in updates),
         "wall_seconds": by["run_end"][-1].get("wall", float("nan")) if by["run_end"] else float("nan"),
         "per_client": {c: _get(e, "global", "accuracy") for c, e in final.items()},
-        "llm_zero_shot": max(llm[0].get("raw_accuracy", 0), llm[0].get("calibrated_accuracy", 0))
-        if llm
-        else None,
+        "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
     }
     row["llm_acc"] = _nanmax(row["llm_raw_acc"], row["llm_cal_acc"])
     row["ppl_change_pct"] = 100 * (row["ppl_end"] / row["ppl_start"] - 1) if ppl else float("nan")
@@ -84,6 +82,12 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         ]
         row["fidelity_q_ge_tau"] = fid(scored) if scored else float("nan")
     return row
+
+
+def _best_zero_shot(e: dict) -> float:
+    """The zero-shot baseline at its best: max over label-word forms, raw and calibrated."""
+    forms = [e, *(e.get("label_word_variants") or {}).values()]
+    return max(max(f.get("raw_accuracy", 0.0), f.get("calibrated_accuracy", 0.0)) for f in forms)
 
 
 def _get(d: dict, *keys: str) -> float | None:

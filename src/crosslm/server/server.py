@@ -8,6 +8,7 @@ runtime (in-process or Flower) decides when those messages reach their clients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -312,15 +313,20 @@ class CrossLMServer:
         )
 
     def evaluate_llm(self, update: int) -> dict[str, Any]:
-        metrics = evaluate_llm(
-            self.llm,
-            self.tokenizer,
-            self.task,
-            self.llm_eval_data,
-            max_text_tokens=self.cfg.llm.max_text_tokens,
-            batch_size=self.cfg.eval.batch_size,
-        )
+        """Raw and calibrated accuracy with the task's label words; at update 0 (the zero-shot baseline)
+        other label-word forms are tried too, so the baseline gets its best form."""
+        kw = {"max_text_tokens": self.cfg.llm.max_text_tokens, "batch_size": self.cfg.eval.batch_size}
+        metrics = evaluate_llm(self.llm, self.tokenizer, self.task, self.llm_eval_data, **kw)
         event = {"event": "llm_eval", "update": update, **metrics}
+        if update == 0:
+            forms = {"lowercase": tuple(v.lower() for v in self.task.verbalizer),
+                     "uppercase": tuple(v.upper() for v in self.task.verbalizer)}  # fmt: skip
+            variants = {}
+            for name, words in forms.items():
+                if words != self.task.verbalizer and len(set(words)) == len(words):
+                    task = dataclasses.replace(self.task, verbalizer=words)
+                    variants[name] = evaluate_llm(self.llm, self.tokenizer, task, self.llm_eval_data, **kw)
+            event["label_word_variants"] = variants
         self.log(event)
         return event
 
