@@ -164,3 +164,16 @@ def test_flower_cli_certs_and_submit_mistakes(tmp_path):
     assert r.returncode == 2 and "/nope.crt" in r.stderr and "Traceback" not in r.stderr
     r = cli("local", "--set", "flower.straggler_timeout=-1")
     assert r.returncode == 2 and "flower.straggler_timeout" in r.stderr
+
+
+def test_a_checkpoint_resumes_only_its_own_run(tmp_path):
+    from crosslm.config import load_config, save_config
+    from crosslm.runtime.flower.server_app import check_resumable
+
+    cfg = load_config(None, ["federation.updates=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    check_resumable(
+        tmp_path / "config.yaml", load_config(None, ["federation.updates=3", "flower.poll_interval=2"])
+    )
+    with pytest.raises(ConfigError, match="differs in 'federation'"):
+        check_resumable(tmp_path / "config.yaml", load_config(None, ["federation.updates=4"]))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -350,6 +351,22 @@ def run_settings(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:
     return cfg, Path(run_dir)
 
 
+def check_resumable(saved: Path, cfg: RunConfig) -> None:
+    """A checkpoint continues only the run it belongs to: the config may differ in its Flower settings
+    (timeouts, polling) and names, nothing else."""
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = cfg.to_dict()
+    free = {"flower", "name", "output_dir", "threads"}
+    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(
+            f"run dir '{saved.parent}' holds a checkpoint of a run whose config differs in '{diff[0]}'; resume "
+            "with the same config (only flower.* may change) or choose a new --run-dir"
+        )
+
+
 def serve(
     grid: GridLike, cfg: RunConfig, run_dir: Path, new_message: MessageFactory = flower_message
 ) -> None:
@@ -362,6 +379,8 @@ def serve(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ServerCheckpoint(run_dir / "checkpoint")
     state = ckpt.load_state() if ckpt.exists() else None
+    if state is not None:
+        check_resumable(run_dir / "config.yaml", cfg)
     save_config(cfg, run_dir / "config.yaml")
     log = RunLog(run_dir / "metrics.jsonl", keep_lines=state["log_lines"] if state else 0)
     synthetic = JsonlWriter(run_dir / "synthetic.jsonl", keep_lines=state["synthetic_lines"] if state else 0)
