@@ -79,21 +79,17 @@ class AsyncLoop:
         self.new_message, self.clock, self.sleep = new_message, clock, sleep
         self.fl = cfg.flower
         self.inflight: dict[str, Inflight] = {}
-        self.waiting: set[int] = set()  # nodes whose accepted upload waits for its server update
         self.lost: set[int] = set()
         self.known: set[int] = set()  # nodes seen online in this server process
         state = runtime_state or {}
         self.node_client: dict[int, str] = {int(k): v for k, v in state.get("node_client", {}).items()}
         self.arrivals = int(state.get("arrivals", 0))
-        # a resumed run: nodes whose accepted upload still waits for its update do not train again
-        self.waiting = {n for n, c in self.node_client.items() if c in server.pending}
+        # nodes whose accepted upload waits for its server update (after a resume too: no second round)
+        self.waiting: set[int] = {n for n, c in self.node_client.items() if c in server.pending}
         self.t0 = self.clock() - float(state.get("elapsed", 0.0))
         log.clock = lambda: self.clock() - self.t0  # events carry seconds since the run started
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _log(self, event: dict[str, Any]) -> None:
-        self.log(event)
-
     def _client_node(self, cid: str) -> int | None:
         return next((n for n, c in self.node_client.items() if c == cid), None)
 
@@ -104,7 +100,7 @@ class AsyncLoop:
         msg = self.new_message(content, node, kind, self.fl.message_ttl)
         ids = list(self.grid.push_messages([msg]))
         if not ids or not ids[0]:
-            self._log(
+            self.log(
                 {"event": "push_failed", "node": node, "kind": kind, "client": self.node_client.get(node)}
             )
             return
@@ -112,7 +108,7 @@ class AsyncLoop:
         size += sum(len(str(v)) for r in content.values() if isinstance(r, ConfigRecord) for v in r.values())
         self.inflight[ids[0]] = Inflight(node, kind, self.clock(), self.node_client.get(node), size)
 
-    def _checkpoint(self) -> None:
+    def save_checkpoint(self) -> None:
         self.ckpt.save(
             self.server,
             log_lines=self.log.writer.lines,
@@ -146,13 +142,13 @@ class AsyncLoop:
         ):  # gone without a reply pending: heartbeats stopped
             self.lost.add(node)
             self.waiting.discard(node)
-            self._log({"event": "node_lost", "node": node, "client": self.node_client.get(node), "kind": "heartbeat",
+            self.log({"event": "node_lost", "node": node, "client": self.node_client.get(node), "kind": "heartbeat",
                        "reason": "the node stopped sending heartbeats (crashed or disconnected)"})  # fmt: skip
         self.known |= online
         for node in sorted(online):
             if node in self.lost:
                 self.lost.discard(node)
-                self._log({"event": "node_rejoined", "node": node, "client": self.node_client.get(node)})
+                self.log({"event": "node_rejoined", "node": node, "client": self.node_client.get(node)})
             if self._busy(node) or node in self.waiting:
                 continue
             cid = self.node_client.get(node)
@@ -196,7 +192,7 @@ class AsyncLoop:
             if unavailable:
                 self.lost.add(node)
                 self.waiting.discard(node)
-            self._log(
+            self.log(
                 {
                     "event": "node_lost" if first else ("message_lost" if unavailable else "node_error"),
                     "node": node,
@@ -226,7 +222,7 @@ class AsyncLoop:
             sender = self._sender(node, wire)
             report = unpack_report(content, sender, with_wire=True)
         except ProtocolError as e:
-            self._log(
+            self.log(
                 {
                     "event": "upload",
                     "accepted": False,
@@ -236,16 +232,16 @@ class AsyncLoop:
                 }
             )
             return
-        self._log(report)
+        self.log(report)
         event = self.server.receive(wire, sender=sender)
-        self._log({"client": sender, **event, **meta})
+        self.log({"client": sender, **event, **meta})
         if event["accepted"]:
             if node not in self.node_client:
                 self.node_client = {n: c for n, c in self.node_client.items() if c != sender}
                 self.node_client[node] = sender
             self.waiting.add(node)
             self.ckpt.store_upload(sender, int(event["round"]), wire)
-            self._checkpoint()
+            self.save_checkpoint()
 
     def _sender(self, node: int, wire: Any) -> str:
         """The client id this node may speak for: bound at its first accepted upload. A new node may take
@@ -268,9 +264,9 @@ class AsyncLoop:
         try:
             report = unpack_report(content, self.node_client.get(node))
         except ProtocolError as e:
-            self._log({"event": "report_rejected", "node": node, "kind": info.kind, "reason": str(e)})
+            self.log({"event": "report_rejected", "node": node, "kind": info.kind, "reason": str(e)})
             return
-        self._log(
+        self.log(
             {
                 **report,
                 "node": node,
@@ -280,14 +276,14 @@ class AsyncLoop:
         )
         if info.kind == ENHANCED and report["event"] == "enhanced":
             self.ckpt.delivered(report["client"])
-            self._checkpoint()
+            self.save_checkpoint()
 
     def sweep_timeouts(self) -> None:
         now = self.clock()
         for mid, f in list(self.inflight.items()):
             if now - f.sent > self.fl.straggler_timeout:
                 del self.inflight[mid]
-                self._log(
+                self.log(
                     {
                         "event": "straggler_timeout",
                         "node": f.node,
@@ -302,7 +298,7 @@ class AsyncLoop:
         responses = self.server.step()
         for cid, wire in responses:
             self.ckpt.store_outgoing(cid, self.server.update, wire)
-        self._checkpoint()
+        self.save_checkpoint()
         for cid, _ in responses:
             node = self._client_node(cid)
             if node is not None:
@@ -323,7 +319,7 @@ class AsyncLoop:
             if not self.poll():
                 self.sleep(self.fl.poll_interval)
         for f in self.inflight.values():
-            self._log(
+            self.log(
                 {
                     "event": "straggler_timeout",
                     "node": f.node,
@@ -400,7 +396,7 @@ def serve(
                 new_message=new_message,
                 runtime_state=state["runtime"],
             )
-            loop._log(
+            log(
                 {
                     "event": "resumed",
                     "update": server.update,
@@ -427,7 +423,7 @@ def serve(
             loop.assign_work()  # clients train while the server measures its starting point
             log_perplexity(log, server, general, "start")
             server.evaluate_llm(0)
-            loop._checkpoint()
+            loop.save_checkpoint()
         loop.run()
         log_perplexity(log, server, general, "end")
         server.save_adapter(run_dir / "llm_adapter")
