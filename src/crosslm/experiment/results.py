@@ -37,7 +37,9 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
     start = {e["client"]: e for e in by["client_trained"] if e.get("round") == 1}
     llm = [e for e in by["llm_eval"]]
     tuned = [e for e in llm if e["update"] > 0]
-    last = tuned[-1] if tuned else (llm[0] if llm else {})
+    last = (
+        tuned[-1] if tuned else {}
+    )  # an LLM that was never tuned is the zero-shot row, not a row of its own
     ppl = {e["stage"]: e["perplexity"] for e in by["perplexity"]}
     updates = by["server_update"]
     row: dict[str, Any] = {
