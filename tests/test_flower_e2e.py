@@ -35,7 +35,7 @@ def flower_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flower")
     res = subprocess.run(
         [sys.executable, "-m", "crosslm.cli", "flower", "local", "configs/tiny.yaml",
-         "--set", f"output_dir={out}", "--set", "name=fl", "--set", "flower.node_delays=[0,12]",
+         "--set", f"output_dir={out}", "--set", "name=fl", "--set", "flower.node_delays=[0,45]",
          "--set", "flower.audit_outbox=true", "--set", "federation.updates=3"],
         capture_output=True, text=True, cwd=ROOT, timeout=1200,
     )  # fmt: skip
@@ -66,9 +66,10 @@ def test_nodes_are_heterogeneous_and_asynchronous(flower_run):
     assert {e["client"]: e["slm"] for e in ups} == {"client-0": "minilm-l6", "client-1": "minilm-l3"}
     assert [e["arrival"] for e in _events(flower_run, "upload")] == list(range(1, len(ups) + 1))
     order = [e["client"] for e in ups]
-    assert (
-        order[:2] == ["client-0", "client-0"] or order.count("client-0") >= 2
-    )  # the slow node blocked nobody
+    assert order.count("client-0") > order.count(
+        "client-1"
+    )  # the fast node went on while the slow one worked
+    # the slow node's upload was built on a server state that updates had already moved past
     assert max(e["staleness"] for e in ups if e["client"] == "client-1") > 0
     t = [e["t"] for e in ups]
     assert t == sorted(t)
@@ -145,6 +146,7 @@ def test_a_killed_supernode_is_survived_and_rejoins(tmp_path):
 
         _wait_for(lambda: uploaded("client-1"), 600, "client-1's first upload")
         dep.kill("client-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
+        killed_at = _events(run_dir)[-1]["t"]
         rounds_before = max(e["round"] for e in uploaded("client-1"))
         # the server notices (missed heartbeats, or an error reply to a message it sent) and goes on
         _wait_for(lambda: _events(run_dir, "node_lost"), 600, "the server to notice the lost node")
@@ -164,8 +166,8 @@ def test_a_killed_supernode_is_survived_and_rejoins(tmp_path):
     assert lost["client"] == "client-1" and lost["kind"] in ("train", "query.enhanced", "heartbeat")
     rejoined = _events(run_dir, "node_rejoined")
     assert rejoined and rejoined[0]["client"] == "client-1" and rejoined[0]["t"] > lost["t"]
-    during = [s for s in _events(run_dir, "server_update") if lost["t"] < s["t"] < rejoined[0]["t"]]
-    assert during and all(s["trigger_clients"] == ["client-0"] for s in during)  # the others went on
+    during = [s for s in _events(run_dir, "server_update") if killed_at < s["t"] < rejoined[0]["t"]]
+    assert any(s["trigger_clients"] == ["client-0"] for s in during)  # the others went on while it was down
     assert all("client-1" in s["staleness"] for s in during)  # ... with client-1's last SLM still scoring
     after = [e for e in uploaded("client-1") if e["t"] > rejoined[0]["t"]]
     assert after and after[0]["round"] == rounds_before + 1  # continued from its own saved state
