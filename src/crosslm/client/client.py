@@ -66,21 +66,27 @@ class Client:
             out["global"] = evaluate(self.model, self.tokenizer, self.data.global_test, n, **kw)
         return out
 
-    def local_round(self) -> tuple[WireMessage, dict[str, Any]]:
-        """Train E epochs on private data from the current weights, evaluate, and build the upload."""
-        self.round += 1
-        t0 = time.perf_counter()
-        loss = train_supervised(
+    def _train_private(self, epochs: int, seed: int, desc: str) -> float:
+        """Supervised training on the client's private data with its local settings."""
+        return train_supervised(
             self.model,
             self.tokenizer,
             self.data.train,
             self.task.num_labels,
-            epochs=self.cfg.epochs,
+            epochs=epochs,
             lr=self.cfg.lr,
             batch_size=self.cfg.batch_size,
             max_length=self.cfg.max_length,
-            seed=self.seed * 1000 + self.round,
-            desc=f"{self.client_id} local round {self.round}",
+            seed=seed,
+            desc=desc,
+        )
+
+    def local_round(self) -> tuple[WireMessage, dict[str, Any]]:
+        """Train E epochs on private data from the current weights, evaluate, and build the upload."""
+        self.round += 1
+        t0 = time.perf_counter()
+        loss = self._train_private(
+            self.cfg.epochs, self.seed * 1000 + self.round, f"{self.client_id} local round {self.round}"
         )
         metrics = self.metrics = self.evaluate()
         upload = SLMUpload(
@@ -120,17 +126,10 @@ class Client:
         self.model.load_state_dict(msg.state_dict, strict=True)
         self.base_version = msg.server_update
         if self.cfg.extra_local_epochs > 0:  # standalone baseline: the server's effort, spent locally
-            train_supervised(
-                self.model,
-                self.tokenizer,
-                self.data.train,
-                self.task.num_labels,
-                epochs=self.cfg.extra_local_epochs,
-                lr=self.cfg.lr,
-                batch_size=self.cfg.batch_size,
-                max_length=self.cfg.max_length,
-                seed=self.seed * 1000 + self.round + 500,
-                desc=f"{self.client_id} extra local epochs",
+            self._train_private(
+                self.cfg.extra_local_epochs,
+                self.seed * 1000 + self.round + 500,
+                f"{self.client_id} extra local epochs",
             )
         after = self.metrics = self.evaluate()
         return {
