@@ -277,18 +277,7 @@ class CrossLMServer:
                 seed=self.cfg.seed * 31 + u,
                 desc=f"distil {cid}",
             )
-        return encode(
-            SLMEnhanced(
-                client_id=cid,
-                slm=m.slm,
-                model_type=student.config.model_type,
-                model_config=model_config_dict(student),
-                labels=list(self.task.labels),
-                server_update=u,
-                state_dict=student.state_dict(),
-            ),
-            dtype=self.cfg.clients.upload_dtype,
-        )
+        return self._reply(cid, student, student.state_dict(), u)
 
     def _baseline_reply(self, cid: str, u: int) -> WireMessage:
         """'none': the client's own SLM back (standalone); 'fedavg': the example-weighted average of the
@@ -299,12 +288,16 @@ class CrossLMServer:
             group = fedavg_group(m, list(self.models.values()))
             state = fedavg_state([g.model.state_dict() for g in group], [g.num_examples for g in group])
             self.log({"event": "fedavg", "update": u, "client": cid, "group": [g.client_id for g in group]})
+        return self._reply(cid, m.model, state, u)
+
+    def _reply(self, cid: str, model: Any, state: dict[str, torch.Tensor], u: int) -> WireMessage:
+        """Client cid's SLM (architecture of `model`, weights `state`) as this update's enhanced message."""
         return encode(
             SLMEnhanced(
                 client_id=cid,
-                slm=m.slm,
-                model_type=m.model.config.model_type,
-                model_config=model_config_dict(m.model),
+                slm=self.models[cid].slm,
+                model_type=model.config.model_type,
+                model_config=model_config_dict(model),
                 labels=list(self.task.labels),
                 server_update=u,
                 state_dict=state,
