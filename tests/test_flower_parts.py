@@ -127,6 +127,12 @@ def test_the_run_config_carries_config_and_task_as_flwr_reads_it(tmp_path):
     assert set(rc) == {"crosslm-config", "task", "run-dir"}
     assert json.loads(rc["crosslm-config"]) == cfg.to_dict()
     assert tuple(json.loads(rc["task"])["labels"]) == TASK.labels
+    from crosslm.runtime.flower.client_app import run_settings
+
+    cfg_back, task_back = run_settings(rc)  # what every node reads back
+    assert cfg_back.to_dict() == cfg.to_dict() and task_back == TASK
+    with pytest.raises(ConfigError, match="'task'"):
+        run_settings({**rc, "task": "[1, 2]"})
     app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
     assert set(app["tool"]["flwr"]["app"]["config"]) == set(rc)  # flwr refuses keys the app does not declare
 

@@ -87,9 +87,14 @@ class RunLog:
 
 def prepare_data(cfg: RunConfig) -> tuple[TaskSpec, FederatedSplit]:
     """The task and its seeded federated split; every runtime (and every Flower node) gets the same."""
+    task, data = load_task_data(cfg.data)
+    return task, split_task_data(cfg, task, data)
+
+
+def split_task_data(cfg: RunConfig, task: TaskSpec, data: LabelledTexts) -> FederatedSplit:
+    """The seeded federated split of already loaded task data (`prepare_data` without the loading)."""
     d = cfg.data
-    task, data = load_task_data(d)
-    split = federated_split(
+    return federated_split(
         data,
         task.num_labels,
         d.num_clients,
@@ -100,7 +105,6 @@ def prepare_data(cfg: RunConfig) -> tuple[TaskSpec, FederatedSplit]:
         cfg.seed,
         label_names=list(task.labels),
     )
-    return task, split
 
 
 def build_server(

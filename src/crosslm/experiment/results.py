@@ -162,10 +162,10 @@ def write_results(exp: Any, root: Path) -> Path:
 def _judge(cfg: Any, exp: Any) -> tuple[Any, Any, list[str], dict]:
     from crosslm.catalogue.datasets import load_task_data
     from crosslm.evaluation.judge import judge_training_data, load_judge
-    from crosslm.run import prepare_data
+    from crosslm.run import split_task_data
 
-    task, split = prepare_data(cfg)
-    _, data = load_task_data(cfg.data)
+    task, data = load_task_data(cfg.data)  # loaded once: the judge needs the data beyond the split
+    split = split_task_data(cfg, task, data)
     train = judge_training_data(data, split.global_test_idx, exp.judge_max_examples, cfg.seed)
     model, tok, info = load_judge(task, train, split.global_test, epochs=exp.judge_epochs, seed=cfg.seed)
     return model, tok, list(task.labels), info

@@ -32,9 +32,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from crosslm.client.client import Client, ClientData
-from crosslm.config import RunConfig, config_from_dict
+from crosslm.config import RunConfig
 from crosslm.errors import ConfigError, DataError
 from crosslm.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_request, unpack_wire
 from crosslm.task import LabelledTexts, TaskSpec
 
@@ -97,18 +98,12 @@ def node_settings(node: dict[str, Any], cfg: RunConfig) -> NodeSettings:
 
 def run_settings(run_config: dict[str, Any]) -> tuple[RunConfig, TaskSpec]:
     """The run's config and task, as the server submitted them (`crosslm flower submit`)."""
+    cfg = read_run_config(run_config)
     try:
-        cfg = config_from_dict(json.loads(str(run_config["crosslm-config"])), "run config 'crosslm-config'")
-        task = TaskSpec(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in json.loads(str(run_config["task"])).items()
-            }
-        )
-    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ConfigError(
-            f"run config lacks a valid 'crosslm-config' / 'task' ({e}); submit with crosslm flower"
-        ) from None
+        fields = json.loads(str(run_config["task"]))
+        task = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"run config lacks a valid 'task' ({e}); submit with crosslm flower") from None
     return cfg, task
 
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crosslm.config import RunConfig
-from crosslm.errors import CrossLMError
+from crosslm.config import RunConfig, config_from_dict
+from crosslm.errors import ConfigError, CrossLMError
 from crosslm.io import atomic_write_text
 from crosslm.task import TaskSpec
 
@@ -151,6 +151,32 @@ def write_run_config(path: Path, cfg: RunConfig, task: TaskSpec, run_dir: Path) 
     return path
 
 
+def write_connection(home: Path, conn: str, address: str, root_certificates: Path | None) -> None:
+    """The `flwr` CLI's connection to a SuperLink, in `$FLWR_HOME/config.toml` (TLS unless no CA is given)."""
+    lines = ["[superlink]", f'default = "{conn}"', "", f"[superlink.{conn}]", f'address = "{address}"']
+    lines.append(f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def run_id_of(result: subprocess.CompletedProcess) -> int:
+    """The run id printed by `flwr run --format json`, or a clear error with what flwr said."""
+    try:
+        return int(json.loads(result.stdout)["run-id"])
+    except (ValueError, KeyError, json.JSONDecodeError):
+        raise CrossLMError(f"flwr run failed: {(result.stdout + result.stderr).strip()[-800:]}") from None
+
+
+def read_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """The resolved config that `write_run_config` put in a run's Flower run config (server and clients)."""
+    try:
+        data = json.loads(str(run_config["crosslm-config"]))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"run config lacks a valid 'crosslm-config' ({e}); submit with crosslm flower"
+        ) from None
+    return config_from_dict(data, "run config 'crosslm-config'")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -206,10 +232,7 @@ class LocalDeployment:
         self.conn = "crosslm-local"
         home = self.workdir / "home" / "cli"
         home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{self.conn}"', "", f"[superlink.{self.conn}]"]
-        lines.append(f'address = "127.0.0.1:{self.port}"')
-        lines.append(f'root-certificates = "{self.pki / "ca.crt"}"' if tls else "insecure = true")
-        (home / "config.toml").write_text("\n".join(lines) + "\n")
+        write_connection(home, self.conn, f"127.0.0.1:{self.port}", self.pki / "ca.crt" if tls else None)
 
     def env(self, home: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -331,11 +354,9 @@ class LocalDeployment:
 
     # -- runs ----------------------------------------------------------------------------------------
     def submit(self, run_config: Path, app_dir: Path = APP_DIR) -> int:
-        r = self.flwr("run", str(app_dir), self.conn, "--run-config", str(run_config), "--format", "json")
-        try:
-            return int(json.loads(r.stdout)["run-id"])
-        except (ValueError, KeyError, json.JSONDecodeError):
-            raise CrossLMError(f"flwr run failed: {(r.stdout + r.stderr).strip()[-800:]}") from None
+        return run_id_of(
+            self.flwr("run", str(app_dir), self.conn, "--run-config", str(run_config), "--format", "json")
+        )
 
     def status(self, run_id: int) -> str:
         r = self.flwr("list", self.conn, "--run-id", str(run_id), "--format", "json")
@@ -484,15 +505,12 @@ def submit_run(
     home = Path(run_dir).expanduser().resolve().parent / f".{Path(run_dir).name}.flwr"
     home.mkdir(parents=True, exist_ok=True)
     conn = "crosslm"
-    lines = ["[superlink]", f'default = "{conn}"', "", f"[superlink.{conn}]", f'address = "{superlink}"']
-    if insecure:
-        lines.append("insecure = true")
-    else:
+    ca = None
+    if not insecure:
         ca = Path(str(root_certificates)).expanduser().resolve()
         if not ca.is_file():
             raise CrossLMError(f"--root-certificates '{ca}' does not exist")
-        lines.append(f'root-certificates = "{ca}"')
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    write_connection(home, conn, superlink, ca)
     rc = write_run_config(home / "run_config.toml", cfg, task, Path(run_dir).expanduser())
     env = {
         **os.environ,
@@ -504,7 +522,4 @@ def submit_run(
         [str(BIN / "flwr"), "run", str(APP_DIR), conn, "--run-config", str(rc), "--format", "json"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    try:
-        return int(json.loads(r.stdout)["run-id"])
-    except (ValueError, KeyError, json.JSONDecodeError):
-        raise CrossLMError(f"flwr run failed: {(r.stdout + r.stderr).strip()[-800:]}") from None
+    return run_id_of(r)

@@ -25,9 +25,10 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from crosslm.catalogue.datasets import load_general_text
-from crosslm.config import RunConfig, config_from_dict, save_config
+from crosslm.config import RunConfig, save_config
 from crosslm.errors import ConfigError, CrossLMError, ProtocolError
 from crosslm.io import JsonlWriter
+from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_report, unpack_wire
 from crosslm.server.checkpoint import ServerCheckpoint
 from crosslm.server.server import CrossLMServer
@@ -335,12 +336,7 @@ app = ServerApp()
 
 
 def run_settings(run_config: dict[str, Any]) -> tuple[RunConfig, Path]:
-    try:
-        cfg = config_from_dict(json.loads(str(run_config["crosslm-config"])), "run config 'crosslm-config'")
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ConfigError(
-            f"run config lacks a valid 'crosslm-config' ({e}); submit with crosslm flower"
-        ) from None
+    cfg = read_run_config(run_config)
     run_dir = str(run_config.get("run-dir", ""))
     if not run_dir:
         raise ConfigError("run config 'run-dir' is empty; it names the server-side run directory")
