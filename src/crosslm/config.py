@@ -335,18 +335,22 @@ def set_override(cfg: RunConfig, assignment: str) -> None:
     _apply(cfg, node, "--set")
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} '{p}' does not exist.")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{p}' is not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file (if any), then each `--set key=value`; then validate."""
     cfg = RunConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist.")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-        _apply(cfg, data, f"config file '{p}'")
+        _apply(cfg, read_yaml(path, "config file"), f"config file '{path}'")
     for o in overrides or []:
         set_override(cfg, o)
     from crosslm.methods import apply_method

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from crosslm.config import METHOD_NAMES, _f, load_config
+from crosslm.config import METHOD_NAMES, _f, load_config, read_yaml
 from crosslm.errors import ConfigError
 from crosslm.io import atomic_write_text, read_jsonl
 
@@ -39,15 +39,9 @@ def load_experiment(path: str | None, overrides: list[str]) -> ExperimentConfig:
     exp = ExperimentConfig()
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"experiment config '{p}' does not exist.")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"experiment config '{p}' is not valid YAML: {e}") from None
+        data = read_yaml(path, "experiment config")
         if not isinstance(data, dict):
-            raise ConfigError(f"experiment config '{p}' must be a mapping of keys to values.")
+            raise ConfigError(f"experiment config '{path}' must be a mapping of keys to values.")
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"--set expects key=value, got {o!r} (e.g. --set seeds=[0]).")
