@@ -101,11 +101,16 @@ class LLMConfig:
 @dataclass
 class GenerationConfig:
     samples_per_label: int = _f(24, "N: samples generated per label per server update.")
-    batch_size: int = _f(48, "Generation batch size.")
+    batch_size: int = _f(128, "Generation batch size (rows sampled together).")
     max_new_tokens: int = _f(64, "Max generated tokens per sample.")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(0.95, "Nucleus sampling p.")
     min_words: int = _f(5, "Samples with fewer words are dropped.")
+    dtype: str = _f(
+        "auto",
+        "Weights used for sampling: float32 (the model as trained), bfloat16, or auto (bfloat16 where a "
+        "matmul probe on this machine runs it faster than float32).",
+    )
 
 
 @dataclass
@@ -396,6 +401,9 @@ def validate(cfg: RunConfig) -> None:
     need(c.epochs >= 1, "clients.epochs", "at least 1")
     need(c.upload_dtype in ("float16", "float32"), "clients.upload_dtype", "float16 or float32")
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
+    need(g.batch_size >= 1, "generation.batch_size", "at least 1")
+    need(g.dtype in ("auto", "float32", "bfloat16"), "generation.dtype", "auto, float32 or bfloat16")
+    need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
     need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")
     need(

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm.config import GenerationConfig
-from crosslm.server.llm_text import pair_batch, user_prompt_ids
+from crosslm.server.decoding import generation_model, resolve_dtype, sample_tokens
+from crosslm.server.llm_text import user_prompt_ids
 from crosslm.task import TaskSpec
 
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]?\s|[\"')\]]?$)")
@@ -55,30 +56,11 @@ class GenerationStats:
     kept: int
     tokens: int
     seconds: float
+    dtype: str = "float32"
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@torch.no_grad()
-def sample_batch(model: Any, tokenizer: Any, prompts: list[list[int]], cfg: GenerationConfig) -> torch.Tensor:
-    """One left-padded batch through `model.generate` with the configured sampling; returns new tokens only."""
-    # left padding (pair_batch with empty contexts): every prompt ends where generation starts
-    batch = pair_batch([[] for _ in prompts], prompts, tokenizer.pad_token_id)
-    width = batch.input_ids.shape[1]
-    out = model.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
-        max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return out[:, width:]
 
 
 @torch.no_grad()
@@ -93,22 +75,30 @@ def generate_samples(
 ) -> tuple[list[GeneratedSample], GenerationStats]:
     """cfg.samples_per_label samples for each label; `seen` (content hashes) is updated in place."""
     torch.manual_seed(seed)
-    model.eval()
+    dtype = resolve_dtype(cfg.dtype)
+    t0 = time.perf_counter()
+    snapshot = generation_model(model, dtype)  # the current adapter merged in; freed on return
     jobs = [y for y in range(task.num_labels) for _ in range(cfg.samples_per_label)]
     prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
     eos = tokenizer.eos_token_id
     kept: list[GeneratedSample] = []
     tokens = 0
-    t0 = time.perf_counter()
     with tqdm(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
         for s in range(0, len(jobs), cfg.batch_size):
             labels = jobs[s : s + cfg.batch_size]
-            out = sample_batch(model, tokenizer, [prompts[y] for y in labels], cfg)
-            for y, row in zip(labels, out.tolist(), strict=True):
-                n = row.index(eos) + 1 if eos in row else len(row)
-                tokens += n
+            rows = sample_tokens(
+                snapshot,
+                [prompts[y] for y in labels],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                eos_id=eos,
+                pad_id=tokenizer.pad_token_id,
+            )
+            for y, row in zip(labels, rows, strict=True):
+                tokens += len(row)
                 text = clean_sample(
-                    tokenizer.decode(row[:n], skip_special_tokens=True), eos not in row, cfg.min_words
+                    tokenizer.decode(row, skip_special_tokens=True), eos not in row, cfg.min_words
                 )
                 h = content_hash(text)
                 if len(text.split()) < cfg.min_words or h in seen:
@@ -116,5 +106,5 @@ def generate_samples(
                 seen.add(h)
                 kept.append(GeneratedSample(text, y, h))
             bar.update(len(labels))
-    stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0)
+    stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, str(dtype).split(".")[-1])
     return kept, stats

@@ -239,6 +239,7 @@ class CrossLMServer:
                 "generated": gstats.generated,
                 "kept": gstats.kept,
                 "gen_tokens_per_s": gstats.tokens_per_s,
+                "gen_dtype": gstats.dtype,
                 "distinct2": distinct_n([s.text for s in samples], 2),
                 "mean_q": float(new_q.mean()) if len(new_q) else float("nan"),
                 "share_q_ge_tau": float((new_q >= cfg.feedback.tau).float().mean())

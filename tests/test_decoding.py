@@ -1,0 +1,170 @@
+"""The fast sampling path: same nucleus as Hugging Face top-p, the same distribution, the same greedy tokens
+as `model.generate`, the LoRA update carried into the snapshot, and the single-token attention path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crosslm.server.decoding import (
+    decode_attention,
+    generation_model,
+    nucleus_mask,
+    resolve_dtype,
+    sample_tokens,
+    sample_top_p,
+)
+from crosslm.server.llm_text import pair_batch
+
+
+def test_nucleus_matches_transformers_top_p():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    for scale in (0.5, 3.0, 8.0):
+        logits = torch.randn(16, 500) * scale
+        hf_kept = TopPLogitsWarper(0.9)(None, logits.clone()) > float("-inf")
+        assert torch.equal(nucleus_mask(torch.softmax(logits, -1), 0.9), hf_kept)
+
+
+def test_rejection_sampler_draws_the_renormalised_nucleus():
+    probs = torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02]])
+    keep = nucleus_mask(probs, 0.78)
+    assert keep.tolist() == [[True, True, True, False, False, False, False]]
+    n = 30_000
+    gen = torch.Generator().manual_seed(1)
+    draws = sample_top_p(probs.expand(n, -1).contiguous(), 0.78, generator=gen)
+    counts = torch.bincount(draws, minlength=7).double()
+    assert counts[3:].sum() == 0  # nothing outside the nucleus
+    expected = probs[0, :3].double() / probs[0, :3].sum() * n
+    chi2 = ((counts[:3] - expected) ** 2 / expected).sum()
+    p_value = torch.special.gammaincc(torch.tensor(1.0, dtype=torch.float64), chi2 / 2)  # df = 2
+    assert p_value > 1e-3, (counts, expected)
+
+
+def test_top_p_one_keeps_the_whole_vocabulary():
+    probs = torch.softmax(torch.randn(4, 50), -1)
+    assert nucleus_mask(probs, 1.0).all()
+    assert sample_top_p(probs, 1.0).shape == (4,)
+
+
+def _generate_greedy(model, prompts, pad_id, eos_id, max_new):
+    batch = pair_batch([[] for _ in prompts], prompts, pad_id)
+    out = model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        do_sample=False,
+        max_new_tokens=max_new,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )[:, batch.input_ids.shape[1] :].tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in out]
+
+
+def test_greedy_matches_generate_token_for_token(tiny_llm):
+    # prompts of different lengths, one repeated (shared prefill), and EOS able to stop rows early
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [12, 13, 14]]
+    snapshot = generation_model(tiny_llm, torch.float32)
+    eos = 1
+    ours = sample_tokens(
+        snapshot, prompts, max_new_tokens=20, temperature=1.0, top_p=1.0, eos_id=eos, pad_id=0, greedy=True
+    )
+    assert ours == _generate_greedy(tiny_llm, prompts, 0, eos, 20)
+    # stopping: a row that emitted EOS has no more tokens
+    for row in ours:
+        assert eos not in row[:-1]
+
+
+def test_snapshot_carries_the_lora_update(tiny_llm):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    snapshot = generation_model(peft_model, torch.float32)
+    assert not any("lora" in n for n, _ in snapshot.named_parameters())
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = snapshot(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapter changed something, and it is in
+    # the snapshot is a copy: the trained adapter is still there
+    assert any("lora_B" in n for n, _ in peft_model.named_parameters())
+
+
+def test_decode_attention_equals_sdpa_for_one_query():
+    class Module:
+        num_key_value_groups = 3
+        is_causal = True
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q = torch.randn(4, 6, 1, 8)
+    k, v = torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8)
+    mask = torch.ones(4, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :3] = False
+    want, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.3)
+    got, _ = decode_attention(Module(), q, k, v, mask, scaling=0.3)
+    assert got.shape == want.shape == (4, 1, 6, 8)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bfloat16_snapshot_samples_valid_tokens(tiny_llm):
+    snapshot = generation_model(tiny_llm, torch.bfloat16)
+    assert next(snapshot.parameters()).dtype == torch.bfloat16
+    assert next(tiny_llm.parameters()).dtype == torch.float32  # the served model is untouched
+    rows = sample_tokens(
+        snapshot, [[5, 6], [7]], max_new_tokens=8, temperature=1.0, top_p=0.9, eos_id=1, pad_id=0
+    )
+    assert len(rows) == 2 and all(1 <= len(r) <= 8 for r in rows)
+    assert all(0 <= t < tiny_llm.config.vocab_size for r in rows for t in r)
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32") == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
+    assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="generation.dtype"):
+        resolve_dtype("int8")
+
+
+def test_real_default_llm_greedy_matches_generate():
+    """On SmolLM2-135M-Instruct through its chat template: our path writes what `generate` writes."""
+    from crosslm.catalogue.datasets import DATASETS
+    from crosslm.catalogue.models import load_llm
+    from crosslm.server.llm_text import user_prompt_ids
+
+    task = DATASETS["rotten-tomatoes"].load()[0]
+    model, tok = load_llm("smollm2-135m-instruct")
+    prompts = [user_prompt_ids(tok, task.prompt_for(y)) for y in range(task.num_labels)]
+    prompts.append(user_prompt_ids(tok, "Name a colour."))
+    eos = tok.eos_token_id
+    ours = sample_tokens(
+        generation_model(model, torch.float32),
+        prompts,
+        max_new_tokens=24,
+        temperature=1.0,
+        top_p=1.0,
+        eos_id=eos,
+        pad_id=tok.pad_token_id,
+        greedy=True,
+    )
+    assert ours == _generate_greedy(model, prompts, tok.pad_token_id, eos, 24)
+
+
+def test_packed_linear_matches_linear_for_any_row_count():
+    from crosslm.server.decoding import PackedLinear, can_pack_bf16
+
+    if not can_pack_bf16():
+        pytest.skip("this torch build has no oneDNN bfloat16 weight packing (generation uses plain Linear)")
+    lin = torch.nn.Linear(64, 96, dtype=torch.bfloat16)
+    packed = PackedLinear(lin, rows_hint=48)
+    for shape in [(1, 64), (3, 1, 64), (100, 64)]:
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        assert torch.allclose(packed(x).float(), lin(x).float(), rtol=2e-2, atol=2e-2)
