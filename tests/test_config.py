@@ -45,6 +45,10 @@ def test_range_checks():
         load_config(None, ["feedback.gamma=0"])
     with pytest.raises(ConfigError, match=r"federation\.buffer_size"):
         load_config(None, ["data.num_clients=2", "federation.buffer_size=3"])
+    with pytest.raises(ConfigError, match=r"eval\.split.*test or validation"):
+        load_config(None, ["eval.split=train"])
+    with pytest.raises(ConfigError, match=r"generation\.dtype.*auto, float32 or bfloat16"):
+        load_config(None, ["generation.dtype=int4"])
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -75,3 +75,19 @@ def test_experiment_config_is_checked_before_anything_runs(tmp_path):
                      (["overrides.tune.alpah=1"], "tune.alpah")]:  # fmt: skip
         with pytest.raises(ConfigError, match=why):
             load_experiment(None, bad)
+
+
+def test_task_overrides_apply_to_their_task_only(tmp_path):
+    from crosslm.experiment.runner import cell_config
+
+    exp = load_experiment(
+        None,
+        ["tasks=[trec, bbc-news]", "seeds=[0]", "methods=[crosslm]", "overrides={data.max_chars: 500}",
+         "task_overrides={bbc-news: {data.max_chars: 300, generation.samples_per_label: 5}}"],
+    )  # fmt: skip
+    trec = cell_config(exp, "trec", "crosslm", 0, tmp_path)
+    bbc = cell_config(exp, "bbc-news", "crosslm", 0, tmp_path)
+    assert trec.data.max_chars == 500 and bbc.data.max_chars == 300
+    assert bbc.generation.samples_per_label == 5 and trec.generation.samples_per_label != 5
+    with pytest.raises(ConfigError, match="task_overrides.bbc-news"):
+        load_experiment(None, ["tasks=[bbc-news]", "task_overrides={bbc-news: 3}"])

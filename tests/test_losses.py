@@ -198,7 +198,9 @@ def test_micro_batching_gives_the_same_update(tiny_tokenizer):
     results = []
     for micro in (4, 1):
         model = copy.deepcopy(base)
-        cfg = TuneConfig(steps=1, batch_size=4, micro_batch_size=micro, task_batch_size=2, lr=1e-2)
+        cfg = TuneConfig(
+            steps=1, batch_size=4, micro_batch_size=micro, task_batch_size=2, lr=1e-2, autocast="float32"
+        )
         losses = tune_adapter(
             model, tiny_tokenizer, TASK, generated, good, cfg, max_text_tokens=20, tau=0.6, seed=0
         )
@@ -208,3 +210,32 @@ def test_micro_batching_gives_the_same_update(tiny_tokenizer):
         assert abs(l_full[k] - l_micro[k]) < 1e-5, k
     assert all(torch.allclose(w_full[n], w_micro[n], atol=1e-6) for n in w_full)
     assert any(not torch.allclose(w_full[n], base.state_dict()[n]) for n in w_full)  # it did train
+
+
+def test_bfloat16_autocast_tuning_trains_a_float32_adapter(tiny_tokenizer):
+    """Under bfloat16 autocast the adapter, its gradients and AdamW stay float32; with B = 0 the adapter
+    and the frozen reference agree exactly, so L_PR starts at 0; the losses track the float32 run."""
+    import copy
+
+    from crosslm.config import TuneConfig
+    from crosslm.server.tune_llm import tune_adapter
+    from tests.conftest import make_llm
+    from tests.test_verbalizer import TASK
+
+    generated = [("great film", 1, 0.9), ("bad", 0, 0.2), ("so so movie", 1, 0.5), ("awful acting", 0, 0.7)]
+    good = [("great film", 1), ("awful acting", 0)]
+    base = _lora(make_llm(len(tiny_tokenizer), seed=3))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model = copy.deepcopy(base)
+        cfg = TuneConfig(steps=1, batch_size=4, task_batch_size=2, lr=1e-2, autocast=dtype)
+        losses = tune_adapter(
+            model, tiny_tokenizer, TASK, generated, good, cfg, max_text_tokens=20, tau=0.6, seed=0
+        )
+        lora = {n: p for n, p in model.named_parameters() if "lora" in n}
+        assert all(p.dtype == torch.float32 for p in lora.values())
+        assert any(not torch.equal(p, base.state_dict()[n]) for n, p in lora.items())  # it trained
+        out[dtype] = losses
+    assert out["bfloat16"]["pr"] == 0.0  # B = 0 at the first step: adapter == reference, also in bfloat16
+    for k in ("qg", "task"):
+        assert abs(out["bfloat16"][k] - out["float32"][k]) < 0.05 * max(1.0, abs(out["float32"][k])), k

@@ -104,3 +104,41 @@ def test_impossible_partitions() -> None:
         federated_split(data, 2, 0, 0.5, 40, 10, 30, 0)
     with pytest.raises(DataError, match="outside 0..0"):
         federated_split(data, 1, 1, 0.5, 10, 5, 10, 0)
+
+
+def test_validation_split_is_disjoint_stratified_and_changes_nothing_else() -> None:
+    data = make_data([300, 200, 100, 50])
+    plain = split(data, 4)
+    s = split(data, 4, validation_size=80)
+    assert s.train_idx == plain.train_idx and s.test_idx == plain.test_idx
+    assert s.global_test_idx == plain.global_test_idx
+    assert len(s.validation) == len(s.validation_idx) == 80
+    assert not set(s.validation_idx) & set(all_indices(s))
+    # the test split's label mix (300:200:100:50 of 80), as far as the clients left examples of each label
+    used = np.bincount([data.labels[i] for i in all_indices(s)], minlength=4)
+    left = np.array([300, 200, 100, 50]) - used
+    got = s.validation.label_counts(4)
+    for c, target in enumerate([37, 25, 12, 6]):
+        assert got[c] >= min(target, left[c]), (got, left)
+    assert plain.validation_idx == []
+    with pytest.raises(DataError, match="80 validation"):
+        split(data, 4, validation_size=80, global_test_size=300)
+
+
+def test_eval_split_validation_measures_on_validation(tmp_path) -> None:
+    from crosslm.config import RunConfig
+    from crosslm.run import split_task_data
+    from crosslm.task import TaskSpec
+
+    cfg = RunConfig()
+    cfg.data.num_clients, cfg.data.train_per_client, cfg.data.test_per_client = 2, 20, 5
+    cfg.data.global_test_size = 30
+    names = ("a", "b", "c", "d")
+    task = TaskSpec("t", names, names, names, "Write {description}.", "{text} {options}")
+    data = make_data([300, 200, 100, 50])
+    test_split = split_task_data(cfg, task, data)
+    cfg.eval.split = "validation"
+    val_split = split_task_data(cfg, task, data)
+    assert val_split.train_idx == test_split.train_idx
+    assert len(val_split.global_test) == 30
+    assert not set(val_split.global_test_idx) & set(test_split.global_test_idx)

@@ -50,6 +50,21 @@ def test_evaluate_llm_reports_raw_and_calibrated(tiny_tokenizer, tiny_llm):
     assert all(0.0 <= m[k] <= 1.0 for k in m if k != "n")
 
 
+def test_label_word_forms_in_one_pass_equal_separate_evaluations(tiny_tokenizer, tiny_llm):
+    import dataclasses
+
+    data = LabelledTexts(["good", "bad", "fine", "awful", "great", "poor"], [1, 0, 1, 0, 1, 0])
+    kw = {"max_text_tokens": 20, "batch_size": 4}
+    lower = [v.lower() for v in TASK.verbalizer]
+    both = evaluate_llm(tiny_llm, tiny_tokenizer, TASK, data, other_verbalizers={"lowercase": lower}, **kw)
+    alone = evaluate_llm(tiny_llm, tiny_tokenizer, TASK, data, **kw)
+    lowered = evaluate_llm(
+        tiny_llm, tiny_tokenizer, dataclasses.replace(TASK, verbalizer=tuple(lower)), data, **kw
+    )
+    assert {k: both[k] for k in alone} == alone
+    assert both["label_word_variants"]["lowercase"] == lowered
+
+
 def test_label_score_gradients_match_one_sequence_per_pair(tiny_tokenizer, tiny_llm):
     """L_task backpropagates through the shared prompt cache exactly as through separate sequences."""
     from crosslm.server.llm_text import continuation_logprobs, pair_batch

@@ -143,6 +143,11 @@ class TuneConfig:
     alpha: float = _f(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
     hard: bool = _f(False, "Hard L_QG: q thresholded at tau.")
     qg_weight: float = _f(1.0, "Weight of L_QG (0 = the 'without L_QG' ablation).")
+    autocast: str = _f(
+        "auto",
+        "Compute dtype of the tuning passes: float32, bfloat16 (torch autocast; the adapter and optimizer "
+        "stay float32), or auto (bfloat16 where it runs faster here).",
+    )
 
 
 @dataclass
@@ -198,6 +203,16 @@ class EvalConfig:
     llm_eval_size: int = _f(200, "Global-test examples used to measure the LLM's task accuracy.")
     general_text_tokens: int = _f(8192, "Tokens of held-out general text for the LLM perplexity check.")
     batch_size: int = _f(32, "Evaluation batch size.")
+    llm_dtype: str = _f(
+        "auto",
+        "Weights the LLM's task accuracy is measured with: float32 (the model as trained), bfloat16, or "
+        "auto (bfloat16 where it runs faster here); the adapter is merged in either way.",
+    )
+    split: str = _f(
+        "test",
+        "Where global metrics are measured: test (the global test split, for reporting) or validation (a "
+        "split of the same size drawn from the remaining data, for tuning settings honestly).",
+    )
 
 
 @dataclass
@@ -402,6 +417,9 @@ def validate(cfg: RunConfig) -> None:
     need(c.upload_dtype in ("float16", "float32"), "clients.upload_dtype", "float16 or float32")
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
+    need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
+    need(t.autocast in ("auto", "float32", "bfloat16"), "tune.autocast", "auto, float32 or bfloat16")
+    need(cfg.eval.llm_dtype in ("auto", "float32", "bfloat16"), "eval.llm_dtype", "auto, float32 or bfloat16")
     need(g.dtype in ("auto", "float32", "bfloat16"), "generation.dtype", "auto, float32 or bfloat16")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")

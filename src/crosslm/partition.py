@@ -26,6 +26,9 @@ class FederatedSplit:
     """Indices into the partitioned data, so a run can record exactly which examples each client holds."""
     test_idx: list[list[int]] = field(default_factory=list)
     global_test_idx: list[int] = field(default_factory=list)
+    validation: LabelledTexts = field(default_factory=LabelledTexts)
+    """Stratified, disjoint from everything above; for tuning settings without looking at the test split."""
+    validation_idx: list[int] = field(default_factory=list)
 
 
 def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
@@ -65,10 +68,13 @@ def federated_split(
     global_test_size: int,
     seed: int,
     label_names: Sequence[str] | None = None,
+    validation_size: int = 0,
 ) -> FederatedSplit:
-    """Split data into a stratified global test set and num_clients Dirichlet(alpha)-skewed client splits.
+    """Split data into a stratified global test set and num_clients Dirichlet(alpha)-skewed client splits,
+    then (from what is left) a stratified validation set.
 
-    All parts are disjoint by index, have exactly the requested sizes, and depend only on the seed.
+    All parts are disjoint by index, have exactly the requested sizes, and depend only on the seed. The
+    validation set is drawn last, so asking for it leaves the test set and every client's data unchanged.
     """
     if num_clients < 1:
         raise DataError(f"num_clients is {num_clients}; a federation needs at least 1 client.")
@@ -89,11 +95,13 @@ def federated_split(
     if empty:
         raise DataError(f"label '{empty[0]}' has no examples, so it cannot be partitioned.")
     per_client = train_per_client + test_per_client
-    requested = num_clients * per_client + global_test_size
+    requested = num_clients * per_client + global_test_size + validation_size
     if requested > len(data):
+        extra = f" + {validation_size} validation" if validation_size else ""
         raise DataError(
             f"the split needs {requested} examples ({num_clients} clients x ({train_per_client} train + "
-            f"{test_per_client} test) + {global_test_size} global test) but the data has only {len(data)}."
+            f"{test_per_client} test) + {global_test_size} global test{extra}) but the data has only "
+            f"{len(data)}."
         )
 
     rng = np.random.default_rng(seed)
@@ -125,7 +133,20 @@ def federated_split(
         train_idx.append([int(i) for i in rng.permutation(tr)])
         test_idx.append([int(i) for i in rng.permutation(te)] if te else [])
 
+    # the test split's label mix where the clients left enough examples; a shortfall is filled from the rest
+    left = np.array([len(pool) for pool in pools])
+    val_counts = np.minimum(_largest_remainder(n_label.astype(float), validation_size), left)
+    if validation_size > val_counts.sum():
+        room = left - val_counts
+        val_counts += _capped_counts(
+            rng, room / max(room.sum(), 1), validation_size - int(val_counts.sum()), room
+        )
+    val_idx = [i for part in take(val_counts) for i in part] if validation_size else []
+    val_idx = [int(i) for i in rng.permutation(val_idx)] if val_idx else []
+
     return FederatedSplit(
+        validation=data.subset(val_idx),
+        validation_idx=val_idx,
         train=[data.subset(ix) for ix in train_idx],
         test=[data.subset(ix) for ix in test_idx],
         global_test=data.subset(global_idx),

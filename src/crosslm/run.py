@@ -92,9 +92,13 @@ def prepare_data(cfg: RunConfig) -> tuple[TaskSpec, FederatedSplit]:
 
 
 def split_task_data(cfg: RunConfig, task: TaskSpec, data: LabelledTexts) -> FederatedSplit:
-    """The seeded federated split of already loaded task data (`prepare_data` without the loading)."""
+    """The seeded federated split of already loaded task data (`prepare_data` without the loading).
+
+    With `eval.split: validation` the global metrics are measured on the validation split instead of the
+    test split; the clients hold exactly the same data either way."""
     d = cfg.data
-    return federated_split(
+    validate = cfg.eval.split == "validation"
+    split = federated_split(
         data,
         task.num_labels,
         d.num_clients,
@@ -104,7 +108,11 @@ def split_task_data(cfg: RunConfig, task: TaskSpec, data: LabelledTexts) -> Fede
         d.global_test_size,
         cfg.seed,
         label_names=list(task.labels),
+        validation_size=d.global_test_size if validate else 0,
     )
+    if validate:
+        split.global_test, split.global_test_idx = split.validation, split.validation_idx
+    return split
 
 
 def build_server(

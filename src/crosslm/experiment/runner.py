@@ -26,6 +26,9 @@ class ExperimentConfig:
     output_dir: str = _f("runs/experiments", "Parent folder of experiments.")
     base_config: str = _f("configs/default.yaml", "crosslm config every cell starts from.")
     overrides: dict = _f({}, "crosslm config keys set in every cell, e.g. {federation.updates: 3}.")
+    task_overrides: dict = _f(
+        {}, "Per task, keys set after `overrides`, e.g. {bbc-news: {data.max_chars: 400}} for long texts."
+    )
     methods: list = _f(list(METHOD_NAMES), f"Methods to compare: {', '.join(METHOD_NAMES)}.")
     tasks: list = _f(["rotten-tomatoes", "bbc-news", "trec"], "Datasets (catalogue names, ids or files).")
     seeds: list = _f([0, 1, 2], "Seeds; every (task, method) runs once per seed.")
@@ -84,7 +87,12 @@ def cell_name(task: str, method: str, seed: int) -> str:
 
 
 def cell_config(exp: ExperimentConfig, task: str, method: str, seed: int, cells_dir: Path):
-    sets = [f"{k}={_yaml(v)}" for k, v in exp.overrides.items()]
+    per_task = exp.task_overrides.get(task) or {}
+    if not isinstance(per_task, dict):
+        raise ConfigError(
+            f"experiment key 'task_overrides.{task}' must be a mapping of config keys to values."
+        )
+    sets = [f"{k}={_yaml(v)}" for k, v in {**exp.overrides, **per_task}.items()]
     sets += [f"data.dataset={task}", f"seed={seed}", f"method={method}", f"output_dir={cells_dir}",
              f"name={cell_name(task, method, seed)}"]  # fmt: skip
     base = exp.base_config if exp.base_config else None

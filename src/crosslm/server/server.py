@@ -8,7 +8,6 @@ runtime (in-process or Flower) decides when those messages reach their clients.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from crosslm.protocol import (
     encode,
     model_config_dict,
 )
+from crosslm.server.decoding import generation_model, resolve_dtype
 from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
 from crosslm.server.generate import generate_samples
 from crosslm.server.losses import kd_targets
@@ -310,17 +310,18 @@ class CrossLMServer:
         """Raw and calibrated accuracy with the task's label words; at update 0 (the zero-shot baseline)
         other label-word forms are tried too, so the baseline gets its best form."""
         kw = {"max_text_tokens": self.cfg.llm.max_text_tokens, "batch_size": self.cfg.eval.batch_size}
-        metrics = evaluate_llm(self.llm, self.tokenizer, self.task, self.llm_eval_data, **kw)
-        event = {"event": "llm_eval", "update": update, **metrics}
+        forms = {}
         if update == 0:
-            forms = {"lowercase": tuple(v.lower() for v in self.task.verbalizer),
-                     "uppercase": tuple(v.upper() for v in self.task.verbalizer)}  # fmt: skip
-            variants = {}
-            for name, words in forms.items():
-                if words != self.task.verbalizer and len(set(words)) == len(words):
-                    task = dataclasses.replace(self.task, verbalizer=words)
-                    variants[name] = evaluate_llm(self.llm, self.tokenizer, task, self.llm_eval_data, **kw)
-            event["label_word_variants"] = variants
+            for name, words in (("lowercase", [v.lower() for v in self.task.verbalizer]),
+                                ("uppercase", [v.upper() for v in self.task.verbalizer])):  # fmt: skip
+                if tuple(words) != self.task.verbalizer and len(set(words)) == len(words):
+                    forms[name] = words
+        dtype = resolve_dtype(self.cfg.eval.llm_dtype)
+        model = generation_model(self.llm, dtype)  # the adapter merged in: the same function, less work
+        metrics = evaluate_llm(
+            model, self.tokenizer, self.task, self.llm_eval_data, other_verbalizers=forms, **kw
+        )
+        event = {"event": "llm_eval", "update": update, "dtype": str(dtype).split(".")[-1], **metrics}
         self.log(event)
         return event
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm.config import LLMConfig, TuneConfig
+from crosslm.server.decoding import resolve_dtype
 from crosslm.server.llm_text import (
     answer_ids,
     gather_logprobs,
@@ -63,6 +64,10 @@ def tune_adapter(
     sums = {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
     model.train()
     micro = max(1, cfg.micro_batch_size)
+    dtype = resolve_dtype(cfg.autocast)
+    # bfloat16 autocast: the matmuls in bfloat16, the adapter, its gradients and AdamW in float32. The
+    # frozen reference of L_PR runs under the same autocast, so L_PR is still exactly 0 at B = 0.
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
         rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
         conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
@@ -74,14 +79,15 @@ def tune_adapter(
             part = rows[s : s + micro]
             batch = pair_batch([prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id)
             q = torch.tensor([qq for _, _, qq in part], dtype=torch.float)
-            logits = next_token_logits(model, batch)
+            with amp:
+                logits = next_token_logits(model, batch).float()
             l_qg = quality_guided_loss(
                 gather_logprobs(logits, batch), batch.target_mask, q, beta=cfg.beta, hard=cfg.hard, tau=tau
             ) * (len(part) / len(rows))
             loss = cfg.qg_weight * l_qg
             if cfg.alpha > 0:
-                with torch.no_grad(), model.disable_adapter():
-                    base = next_token_logits(model, batch)
+                with torch.no_grad(), model.disable_adapter(), amp:
+                    base = next_token_logits(model, batch).float()
                 l_pr = probability_regularizer(logits, base, batch.target_mask) * (
                     int(batch.target_mask.sum()) / n_tokens
                 )
@@ -91,9 +97,10 @@ def tune_adapter(
             step["qg"] += float(l_qg.detach())
         if cfg.lambda_task > 0 and good:
             picked = rng.sample(list(good), min(cfg.task_batch_size, len(good)))
-            scores = label_scores(
-                model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
-            )
+            with amp:
+                scores = label_scores(
+                    model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
+                )
             l_task = task_loss(scores, torch.tensor([y for _, y in picked]))
             (cfg.lambda_task * l_task).backward()
             step["task"] = float(l_task.detach())

@@ -41,11 +41,17 @@ def label_scores(
     Each prompt is run once and its KV cache is shared by the C label continuations (C times less work
     than one sequence per pair). Differentiable: L_task backpropagates through the shared cache."""
     answers = [answer_ids(tokenizer, v) for v in task.verbalizer]
-    prompts = [
+    prompts = classify_prompts(tokenizer, task, texts, max_text_tokens)
+    return _shared_prefix_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size, progress)
+
+
+def classify_prompts(
+    tokenizer: Any, task: TaskSpec, texts: Sequence[str], max_text_tokens: int
+) -> list[list[int]]:
+    return [
         user_prompt_ids(tokenizer, task.classify_prompt(truncate_text(tokenizer, t, max_text_tokens)))
         for t in texts
     ]
-    return _shared_prefix_scores(model, prompts, answers, tokenizer.pad_token_id, batch_size, progress)
 
 
 def _shared_prefix_scores(
@@ -108,26 +114,43 @@ def calibrated(scores: torch.Tensor, content_free_scores: torch.Tensor) -> torch
 
 @torch.no_grad()
 def evaluate_llm(
-    model: Any, tokenizer: Any, task: TaskSpec, data: LabelledTexts, *, max_text_tokens: int, batch_size: int
-) -> dict[str, float]:
-    """Raw and calibrated accuracy / macro-F1 of the LLM on `data`."""
+    model: Any,
+    tokenizer: Any,
+    task: TaskSpec,
+    data: LabelledTexts,
+    *,
+    max_text_tokens: int,
+    batch_size: int,
+    other_verbalizers: dict[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Raw and calibrated accuracy / macro-F1 of the LLM on `data` with the task's label words, and under
+    `label_word_variants` the same for each of `other_verbalizers` (label-word forms). All forms share
+    one pass over each prompt: only the short label continuations are scored per form."""
     model.eval()
-    scores = label_scores(
-        model,
-        tokenizer,
-        task,
-        data.texts,
-        max_text_tokens=max_text_tokens,
-        batch_size=batch_size,
-        progress=True,
-    )
-    cf = label_scores(model, tokenizer, task, list(CONTENT_FREE), batch_size=batch_size)
-    raw = classification_metrics(data.labels, scores.argmax(-1).tolist(), task.num_labels)
-    cal = classification_metrics(data.labels, calibrated(scores, cf).argmax(-1).tolist(), task.num_labels)
-    return {
-        "raw_accuracy": raw["accuracy"],
-        "raw_macro_f1": raw["macro_f1"],
-        "calibrated_accuracy": cal["accuracy"],
-        "calibrated_macro_f1": cal["macro_f1"],
-        "n": len(data),
-    }
+    forms = {"": list(task.verbalizer), **{k: list(v) for k, v in (other_verbalizers or {}).items()}}
+    answers = [answer_ids(tokenizer, w) for words in forms.values() for w in words]
+    pad = tokenizer.pad_token_id
+    prompts = classify_prompts(tokenizer, task, data.texts, max_text_tokens)
+    cf_prompts = classify_prompts(tokenizer, task, CONTENT_FREE, max_text_tokens)
+    scores = _shared_prefix_scores(model, prompts, answers, pad, batch_size, True)
+    cf = _shared_prefix_scores(model, cf_prompts, answers, pad, batch_size, False)
+    result: dict[str, Any] = {"label_word_variants": {}}
+    c = task.num_labels
+    for i, name in enumerate(forms):
+        s, f = scores[:, i * c : (i + 1) * c], cf[:, i * c : (i + 1) * c]
+        raw = classification_metrics(data.labels, s.argmax(-1).tolist(), c)
+        cal = classification_metrics(data.labels, calibrated(s, f).argmax(-1).tolist(), c)
+        metrics = {
+            "raw_accuracy": raw["accuracy"],
+            "raw_macro_f1": raw["macro_f1"],
+            "calibrated_accuracy": cal["accuracy"],
+            "calibrated_macro_f1": cal["macro_f1"],
+            "n": len(data),
+        }
+        if name:
+            result["label_word_variants"][name] = metrics
+        else:
+            result.update(metrics)
+    if not other_verbalizers:
+        del result["label_word_variants"]
+    return result
