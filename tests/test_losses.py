@@ -239,3 +239,19 @@ def test_bfloat16_autocast_tuning_trains_a_float32_adapter(tiny_tokenizer):
     assert out["bfloat16"]["pr"] == 0.0  # B = 0 at the first step: adapter == reference, also in bfloat16
     for k in ("qg", "task"):
         assert abs(out["bfloat16"][k] - out["float32"][k]) < 0.05 * max(1.0, abs(out["float32"][k])), k
+
+
+def test_fit_under_bfloat16_autocast_keeps_float32_weights_and_learns(tiny_tokenizer):
+    from crosslm.client.trainer import fit, predict_logits
+    from tests.conftest import make_classifier
+
+    model = make_classifier("bert", len(tiny_tokenizer))
+    texts = ["good film", "bad film", "great acting", "awful plot"] * 4
+    targets = torch.nn.functional.one_hot(torch.tensor([1, 0, 1, 0] * 4), 2).float()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, tiny_tokenizer, texts, targets, epochs=30, lr=5e-3, batch_size=8, max_length=16, seed=0,
+        autocast="bfloat16")  # fmt: skip
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    preds = predict_logits(model, tiny_tokenizer, texts[:4], max_length=16).argmax(-1).tolist()
+    assert preds == [1, 0, 1, 0]  # it fits four training texts

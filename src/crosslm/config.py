@@ -79,6 +79,11 @@ class ClientConfig:
     batch_size: int = _f(16, "Local batch size.")
     max_length: int = _f(128, "SLM max tokens per text.")
     upload_dtype: str = _f("float16", "Weight dtype on the wire: float16 or float32.")
+    autocast: str = _f(
+        "auto",
+        "Local training compute dtype: float32, bfloat16 (torch autocast, float32 weights and optimizer), "
+        "or auto (bfloat16 where it runs faster here).",
+    )
     extra_local_epochs: int = _f(
         0,
         "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
@@ -157,6 +162,7 @@ class DistillConfig:
     batch_size: int = _f(16, "Distillation batch size.")
     mu: float = _f(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
     temperature: float = _f(2.0, "T: temperature of the ensemble's soft labels.")
+    autocast: str = _f("auto", "Distillation compute dtype: float32, bfloat16 (mixed precision) or auto.")
 
 
 @dataclass
@@ -418,7 +424,9 @@ def validate(cfg: RunConfig) -> None:
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
     need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
-    need(t.autocast in ("auto", "float32", "bfloat16"), "tune.autocast", "auto, float32 or bfloat16")
+    for key, value in (("tune.autocast", t.autocast), ("clients.autocast", c.autocast),
+                       ("distill.autocast", ds.autocast)):  # fmt: skip
+        need(value in ("auto", "float32", "bfloat16"), key, "auto, float32 or bfloat16")
     need(cfg.eval.llm_dtype in ("auto", "float32", "bfloat16"), "eval.llm_dtype", "auto, float32 or bfloat16")
     need(g.dtype in ("auto", "float32", "bfloat16"), "generation.dtype", "auto, float32 or bfloat16")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")

@@ -254,9 +254,13 @@ def run(cfg: RunConfig) -> Path:
 
 
 def log_perplexity(log: RunLog, server: CrossLMServer, texts: list[str], stage: str) -> None:
-    """Held-out general-text perplexity of the LLM with its current adapter (the generality check)."""
+    """Held-out general-text perplexity of the LLM with its current adapter (the generality check), in
+    float32 always (a 1 % target needs it), with the adapter merged in (the same function, less work)."""
+    from crosslm.server.decoding import generation_model
+
     cfg = server.cfg
-    ppl, n = perplexity(server.llm, server.tokenizer, texts, max_tokens=cfg.eval.general_text_tokens)
+    model = generation_model(server.llm, torch.float32)
+    ppl, n = perplexity(model, server.tokenizer, texts, max_tokens=cfg.eval.general_text_tokens)
     log({"event": "perplexity", "stage": stage, "update": server.update, "perplexity": ppl, "tokens": n})
 
 
@@ -288,6 +292,7 @@ def run_centralized(cfg: RunConfig) -> Path:
         loss = train_supervised(
             model, tok, union, task.num_labels, epochs=rounds * cfg.clients.epochs, lr=cfg.clients.lr,
             batch_size=cfg.clients.batch_size, max_length=cfg.clients.max_length, seed=cfg.seed, desc="centralized",
+            autocast=cfg.clients.autocast,
         )  # fmt: skip
         kw = {"batch_size": cfg.eval.batch_size, "max_length": cfg.clients.max_length}
         metrics = {"global": evaluate(model, tok, split.global_test, task.num_labels, **kw)}

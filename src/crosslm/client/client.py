@@ -78,6 +78,7 @@ class Client:
             batch_size=self.cfg.batch_size,
             max_length=self.cfg.max_length,
             seed=seed,
+            autocast=self.cfg.autocast,
             desc=desc,
         )
 

@@ -40,10 +40,17 @@ def fit(
     seed: int,
     desc: str = "train",
     weight_decay: float = 0.01,
+    autocast: str = "float32",
 ) -> float:
-    """Train `model` in place on (texts, target distributions). Returns the mean loss of the last epoch."""
+    """Train `model` in place on (texts, target distributions). Returns the mean loss of the last epoch.
+
+    `autocast` bfloat16 (or auto, where bfloat16 runs faster here) runs the forward passes under torch
+    autocast; weights, gradients and AdamW stay float32 (mixed precision)."""
+    from crosslm.server.decoding import resolve_dtype
+
     if len(texts) == 0:
         return float("nan")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype(autocast) == torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -61,8 +68,9 @@ def fit(
                     padding=True,
                     return_tensors="pt",
                 )
-                logits = model(**enc).logits
-                loss = soft_cross_entropy(logits, targets[idx])
+                with amp:
+                    logits = model(**enc).logits
+                loss = soft_cross_entropy(logits.float(), targets[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -277,6 +277,7 @@ class CrossLMServer:
                 max_length=self.cfg.clients.max_length,
                 seed=self.cfg.seed * 31 + u,
                 desc=f"distil {cid}",
+                autocast=d.autocast,
             )
         return self._reply(cid, student, student.state_dict(), u)
 
