@@ -154,7 +154,7 @@ def test_ctrl_c_leaves_valid_files(tmp_path):
         time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, err[:3000] + err[-2000:]
     assert "Traceback" not in err
     ev = _events(tmp_path / "int")  # every line is complete JSON
     assert ev[-1]["event"] == "run_end" and ev[-1]["interrupted"] is True

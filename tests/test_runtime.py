@@ -96,3 +96,27 @@ def test_event_order_is_seed_reproducible():
     a = _run([1.0, 1.02, 1.04], updates=5, seed=1)[1]
     b = _run([1.0, 1.02, 1.04], updates=5, seed=1)[1]
     assert a == b
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_run():
+    """A KeyboardInterrupt dropped inside a finalizer must not let the run finish as if completed."""
+    import os
+    import signal
+
+    import pytest
+
+    from crosslm import interrupts
+
+    interrupts.install()
+    try:
+
+        class Swallows:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)  # raised inside __del__: Python prints it and drops it
+
+        Swallows()
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupts._received = False

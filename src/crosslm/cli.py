@@ -18,6 +18,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from crosslm import interrupts
+
 
 def _print_status(rows: list[dict], title: str) -> None:
     print(title)
@@ -31,6 +33,7 @@ def _print_status(rows: list[dict], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install()
     parser = argparse.ArgumentParser(
         prog="crosslm", description="CrossLM: mutual enhancement of LLM and SLMs."
     )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crosslm import interrupts
 from crosslm.catalogue.datasets import load_general_text, load_task_data
 from crosslm.catalogue.models import load_llm
 from crosslm.client.client import Client, ClientData
@@ -228,6 +229,7 @@ def run(cfg: RunConfig) -> Path:
                  "base_version": c.base_version, **(c.metrics or c.evaluate())})  # fmt: skip
         if server.llm is not None:
             log_perplexity(log, server, general, "end")
+        interrupts.check()
         completed = True
     except KeyboardInterrupt:
         interrupted = True

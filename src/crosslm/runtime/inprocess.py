@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from crosslm import interrupts
 from crosslm.client.client import Client
 from crosslm.config import ClientConfig, FederationConfig
 from crosslm.protocol import WireMessage
@@ -86,6 +87,7 @@ class InProcessRuntime:
 
     def _loop(self) -> None:
         while self._queue:
+            interrupts.check()
             ev = heapq.heappop(self._queue)
             self.set_clock(ev.t)
             if ev.kind == "start":
