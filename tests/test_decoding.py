@@ -10,7 +10,6 @@ from crosslm.server.decoding import (
     decode_attention,
     generation_model,
     nucleus_mask,
-    resolve_dtype,
     sample_tokens,
     sample_top_p,
 )
@@ -127,10 +126,12 @@ def test_bfloat16_snapshot_samples_valid_tokens(tiny_llm):
 
 
 def test_resolve_dtype():
+    from crosslm.precision import resolve_dtype
+
     assert resolve_dtype("float32") == torch.float32
     assert resolve_dtype("bfloat16") == torch.bfloat16
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
-    with pytest.raises(ValueError, match="generation.dtype"):
+    with pytest.raises(ValueError, match="must be one of auto, float32, bfloat16, got 'int8'"):
         resolve_dtype("int8")
 
 

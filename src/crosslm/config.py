@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from crosslm.errors import ConfigError
+from crosslm.precision import COMPUTE_DTYPES
 
 METHOD_NAMES = (
     "crosslm",
@@ -424,11 +425,10 @@ def validate(cfg: RunConfig) -> None:
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
     need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
-    for key, value in (("tune.autocast", t.autocast), ("clients.autocast", c.autocast),
+    for key, value in (("generation.dtype", g.dtype), ("eval.llm_dtype", cfg.eval.llm_dtype),
+                       ("tune.autocast", t.autocast), ("clients.autocast", c.autocast),
                        ("distill.autocast", ds.autocast)):  # fmt: skip
-        need(value in ("auto", "float32", "bfloat16"), key, "auto, float32 or bfloat16")
-    need(cfg.eval.llm_dtype in ("auto", "float32", "bfloat16"), "eval.llm_dtype", "auto, float32 or bfloat16")
-    need(g.dtype in ("auto", "float32", "bfloat16"), "generation.dtype", "auto, float32 or bfloat16")
+        need(value in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
     need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crosslm import precision
 from crosslm.evaluation.metrics import classification_metrics
 from crosslm.task import LabelledTexts
 
@@ -46,11 +47,9 @@ def fit(
 
     `autocast` bfloat16 (or auto, where bfloat16 runs faster here) runs the forward passes under torch
     autocast; weights, gradients and AdamW stay float32 (mixed precision)."""
-    from crosslm.server.decoding import resolve_dtype
-
     if len(texts) == 0:
         return float("nan")
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype(autocast) == torch.bfloat16)
+    amp = precision.autocast(autocast)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -20,36 +20,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-DTYPES = ("auto", "float32", "bfloat16")
-
-
-@functools.lru_cache(maxsize=1)
-def bf16_is_faster(hidden: int = 576, rows: int = 48) -> bool:
-    """Probe (~50 ms): does a decode-shaped matmul run faster in bfloat16 than float32 on this machine?"""
-
-    def seconds(dtype: torch.dtype) -> float:
-        x, w = torch.randn(rows, hidden, dtype=dtype), torch.randn(4 * hidden, hidden, dtype=dtype)
-        torch.nn.functional.linear(x, w)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            torch.nn.functional.linear(x, w)
-        return time.perf_counter() - t0
-
-    return seconds(torch.bfloat16) * 1.2 < seconds(torch.float32)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"generation.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    if name == "auto":
-        return torch.bfloat16 if bf16_is_faster() else torch.float32
-    return getattr(torch, name)
 
 
 def decode_attention(

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm.config import GenerationConfig
-from crosslm.server.decoding import generation_model, resolve_dtype, sample_tokens
+from crosslm.precision import dtype_name, resolve_dtype
+from crosslm.server.decoding import generation_model, sample_tokens
 from crosslm.server.llm_text import user_prompt_ids
 from crosslm.task import TaskSpec
 
@@ -106,5 +107,5 @@ def generate_samples(
                 seen.add(h)
                 kept.append(GeneratedSample(text, y, h))
             bar.update(len(labels))
-    stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, str(dtype).split(".")[-1])
+    stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, dtype_name(dtype))
     return kept, stats

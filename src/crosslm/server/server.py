@@ -22,6 +22,7 @@ from crosslm.client.trainer import fit
 from crosslm.config import RunConfig
 from crosslm.errors import CrossLMError, ProtocolError
 from crosslm.evaluation.metrics import distinct_n
+from crosslm.precision import dtype_name, resolve_dtype
 from crosslm.protocol import (
     SLMEnhanced,
     SLMUpload,
@@ -31,7 +32,7 @@ from crosslm.protocol import (
     encode,
     model_config_dict,
 )
-from crosslm.server.decoding import generation_model, resolve_dtype
+from crosslm.server.decoding import generation_model
 from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
 from crosslm.server.generate import generate_samples
 from crosslm.server.losses import kd_targets
@@ -322,7 +323,7 @@ class CrossLMServer:
         metrics = evaluate_llm(
             model, self.tokenizer, self.task, self.llm_eval_data, other_verbalizers=forms, **kw
         )
-        event = {"event": "llm_eval", "update": update, "dtype": str(dtype).split(".")[-1], **metrics}
+        event = {"event": "llm_eval", "update": update, "dtype": dtype_name(dtype), **metrics}
         self.log(event)
         return event
 

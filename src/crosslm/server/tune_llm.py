@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crosslm import precision
 from crosslm.config import LLMConfig, TuneConfig
-from crosslm.server.decoding import resolve_dtype
 from crosslm.server.llm_text import (
     answer_ids,
     gather_logprobs,
@@ -64,10 +64,9 @@ def tune_adapter(
     sums = {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
     model.train()
     micro = max(1, cfg.micro_batch_size)
-    dtype = resolve_dtype(cfg.autocast)
     # bfloat16 autocast: the matmuls in bfloat16, the adapter, its gradients and AdamW in float32. The
     # frozen reference of L_PR runs under the same autocast, so L_PR is still exactly 0 at B = 0.
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    amp = precision.autocast(cfg.autocast)
     for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
         rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
         conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
