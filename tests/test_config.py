@@ -49,6 +49,11 @@ def test_range_checks():
         load_config(None, ["eval.split=train"])
     with pytest.raises(ConfigError, match=r"generation\.dtype.*auto, float32 or bfloat16"):
         load_config(None, ["generation.dtype=int4"])
+    with pytest.raises(ConfigError, match=r"llm\.device.*auto, cpu, cuda or cuda:N"):
+        load_config(None, ["llm.device=gpu"])
+    with pytest.raises(ConfigError, match=r"clients\.device"):
+        load_config(None, ["clients.device=cuda:x"])
+    assert load_config(None, ["llm.device=cuda:1", "clients.device=cpu"]).llm.device == "cuda:1"
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from crosslm.server.decoding import (
+    SnapshotCache,
     decode_attention,
     generation_model,
     nucleus_mask,
@@ -96,6 +97,33 @@ def test_snapshot_carries_the_lora_update(tiny_llm):
     assert any("lora_B" in n for n, _ in peft_model.named_parameters())
 
 
+def test_snapshot_cache_reuses_until_a_weight_changes(tiny_llm):
+    """Evaluation and the next update's sampling share a snapshot; an optimizer step or an adapter load
+    in between forces a rebuild that carries the new weights."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(tiny_llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    cache, ids = SnapshotCache(), torch.tensor([[5, 6, 7, 8]])
+    first = cache.get(peft_model, torch.float32)
+    assert cache.get(peft_model, torch.float32) is first
+    assert cache.get(peft_model, torch.bfloat16) is not first  # another dtype is another snapshot
+    first = cache.get(peft_model, torch.float32)
+
+    lora = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    opt = torch.optim.SGD(lora, lr=1.0)
+    peft_model(input_ids=ids).logits.square().mean().backward()
+    opt.step()
+    second = cache.get(peft_model, torch.float32)
+    assert second is not first
+    with torch.no_grad():
+        assert torch.allclose(second(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(second(input_ids=ids).logits, first(input_ids=ids).logits, atol=1e-4)
+
+    state = {n: torch.zeros_like(p) for n, p in peft_model.named_parameters() if "lora_" in n}
+    set_peft_model_state_dict(peft_model, {k.replace(".default", ""): v for k, v in state.items()})
+    assert cache.get(peft_model, torch.float32) is not second
+
+
 def test_decode_attention_equals_sdpa_for_one_query():
     class Module:
         num_key_value_groups = 3
@@ -133,6 +161,25 @@ def test_resolve_dtype():
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="must be one of auto, float32, bfloat16, got 'int8'"):
         resolve_dtype("int8")
+
+
+def test_resolve_device_names_the_key_and_refuses_a_missing_gpu(monkeypatch):
+    from crosslm.errors import ConfigError
+    from crosslm.precision import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"'llm\.device' = 'cuda:0', but this machine's torch sees 0 CUDA"):
+        resolve_device("cuda:0", "llm.device")
+    with pytest.raises(ConfigError, match=r"'clients\.device' = 'tpu': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu", "clients.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="sees 2 CUDA GPU"):
+        resolve_device("cuda:2")
 
 
 def test_real_default_llm_greedy_matches_generate():

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from crosslm.errors import ConfigError
-from crosslm.precision import COMPUTE_DTYPES
+from crosslm.precision import COMPUTE_DTYPES, DEVICE_NAME
 
 METHOD_NAMES = (
     "crosslm",
@@ -85,6 +85,9 @@ class ClientConfig:
         "Local training compute dtype: float32, bfloat16 (torch autocast, float32 weights and optimizer), "
         "or auto (bfloat16 where it runs faster here).",
     )
+    device: str = _f(
+        "auto", "Where clients train and evaluate: auto (CUDA when available), cpu, cuda or cuda:N."
+    )
     extra_local_epochs: int = _f(
         0,
         "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
@@ -102,6 +105,11 @@ class LLMConfig:
         "Module names that get a LoRA adapter.",
     )
     max_text_tokens: int = _f(160, "Texts are cut to this many LLM tokens inside classification prompts.")
+    device: str = _f(
+        "auto",
+        "Where the server computes (generation, tuning, evaluation, SLM scoring and distillation): auto "
+        "(CUDA when available), cpu, cuda or cuda:N.",
+    )
 
 
 @dataclass
@@ -429,6 +437,8 @@ def validate(cfg: RunConfig) -> None:
                        ("tune.autocast", t.autocast), ("clients.autocast", c.autocast),
                        ("distill.autocast", ds.autocast)):  # fmt: skip
         need(value in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
+    for key, value in (("llm.device", cfg.llm.device), ("clients.device", c.device)):
+        need(bool(DEVICE_NAME.fullmatch(str(value))), key, "auto, cpu, cuda or cuda:N")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
     need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")

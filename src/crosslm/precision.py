@@ -1,17 +1,23 @@
-"""Compute precision, one rule for every pass: float32, bfloat16, or auto (bfloat16 only where a matmul
-probe on this machine runs it faster; on some CPUs of this project's kind bfloat16 was slower).
+"""Where and how models compute, one rule for every pass.
 
-Used by sampling and LLM evaluation (bfloat16 weights) and by adapter tuning, SLM training and
-distillation (bfloat16 autocast; weights, gradients and the optimizer stay float32).
+Device: auto (CUDA when this machine has it), cpu, cuda or cuda:N. Every pass (sampling, tuning, scoring,
+training) runs on the device its model's parameters are on, so placing a model is the only decision.
+
+Precision: float32, bfloat16, or auto. On a CPU auto means bfloat16 only where a matmul probe on this
+machine runs it faster (on some CPUs of this project's kind bfloat16 was slower); on a GPU, bfloat16
+wherever the GPU supports it. Used by sampling and LLM evaluation (bfloat16 weights) and by adapter tuning,
+SLM training and distillation (bfloat16 autocast; weights, gradients and the optimizer stay float32).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from typing import Any
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,22 +36,52 @@ def bf16_is_faster(hidden: int = 576, rows: int = 48) -> bool:
     return seconds(torch.bfloat16) * 1.2 < seconds(torch.float32)
 
 
-def resolve_dtype(name: str) -> Any:
-    """The torch dtype for a configured name (one of COMPUTE_DTYPES)."""
+def resolve_device(name: str, key: str = "device") -> Any:
+    """The torch device for a configured name (auto, cpu, cuda or cuda:N); `key` names the setting in
+    the error a user sees when the name is wrong or this machine has no such GPU."""
+    import torch
+
+    from crosslm.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_NAME.fullmatch(name):
+        raise ConfigError(f"config key '{key}' = {name!r}: expected auto, cpu, cuda or cuda:N.")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(
+                f"config key '{key}' = {name!r}, but this machine's torch sees {count} CUDA GPU(s); "
+                "use auto or cpu here."
+            )
+    return torch.device(name)
+
+
+def model_device(model: Any) -> Any:
+    """The device a model computes on (that of its first parameter)."""
+    return next(model.parameters()).device
+
+
+def resolve_dtype(name: str, device: Any = "cpu") -> Any:
+    """The torch dtype for a configured name (one of COMPUTE_DTYPES) on `device`."""
     import torch
 
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
     if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if bf16_is_faster() else torch.float32
     return getattr(torch, name)
 
 
-def autocast(name: str) -> Any:
-    """A reusable CPU autocast context: bfloat16 when `name` resolves to it, a no-op otherwise."""
+def autocast(name: str, device: Any = "cpu") -> Any:
+    """A reusable autocast context on `device`: bfloat16 when `name` resolves to it, a no-op otherwise."""
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_dtype(name) == torch.bfloat16)
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=resolve_dtype(name, device) == torch.bfloat16)
 
 
 def dtype_name(dtype: Any) -> str:

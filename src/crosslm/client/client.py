@@ -19,6 +19,7 @@ from crosslm.client.trainer import evaluate, train_supervised
 from crosslm.config import ClientConfig
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_dir, atomic_write_json
+from crosslm.precision import resolve_device
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
 from crosslm.task import LabelledTexts, TaskSpec
 
@@ -54,6 +55,7 @@ class Client:
         self.eval_batch_size = eval_batch_size
         self.max_payload_bytes = max_payload_bytes
         self.model, self.tokenizer = load_slm(slm, list(task.labels))
+        self.model.to(resolve_device(cfg.device, "clients.device"))
         self.round = 0
         self.base_version = 0  # server update the current weights came from; 0 = pretrained
         self.metrics: dict[str, dict[str, float]] = {}  # of the current weights (unchanged since upload)

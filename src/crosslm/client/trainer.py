@@ -49,7 +49,8 @@ def fit(
     autocast; weights, gradients and AdamW stay float32 (mixed precision)."""
     if len(texts) == 0:
         return float("nan")
-    amp = precision.autocast(autocast)
+    device = precision.model_device(model)
+    amp = precision.autocast(autocast, device)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -66,10 +67,10 @@ def fit(
                     max_length=max_length,
                     padding=True,
                     return_tensors="pt",
-                )
+                ).to(device)
                 with amp:
                     logits = model(**enc).logits
-                loss = soft_cross_entropy(logits.float(), targets[idx])
+                loss = soft_cross_entropy(logits.float(), targets[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,14 +97,15 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits [N, C], batched by similar length so padding stays small."""
     model.eval()
+    device = precision.model_device(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.config.num_labels)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
             [texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        )
-        out[idx] = model(**enc).logits.float()
+        ).to(device)
+        out[idx] = model(**enc).logits.float().cpu()
     return out
 
 

@@ -25,6 +25,7 @@ def perplexity(
     """exp(mean NLL) over non-overlapping blocks of the concatenated texts, up to `max_tokens` tokens.
     Returns (perplexity, number of scored tokens). Deterministic: same texts, same blocks."""
     model.eval()
+    device = next(model.parameters()).device
     ids: list[int] = []
     for t in texts:
         ids += tokenizer(t, add_special_tokens=False).input_ids
@@ -37,7 +38,7 @@ def perplexity(
     nll, count = 0.0, 0
     for s in tqdm(range(0, len(blocks), batch_size), desc="perplexity", leave=False):
         chunk = blocks[s : s + batch_size]
-        batch = pair_batch([b[:1] for b in chunk], [b[1:] for b in chunk], tokenizer.pad_token_id)
+        batch = pair_batch([b[:1] for b in chunk], [b[1:] for b in chunk], tokenizer.pad_token_id, device)
         logp = continuation_logprobs(model, batch)
         nll -= float((logp * batch.target_mask).sum())
         count += int(batch.target_mask.sum())

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm.config import GenerationConfig
-from crosslm.precision import dtype_name, resolve_dtype
-from crosslm.server.decoding import generation_model, sample_tokens
+from crosslm.precision import dtype_name, model_device, resolve_dtype
+from crosslm.server.decoding import SnapshotCache, generation_model, sample_tokens
 from crosslm.server.llm_text import user_prompt_ids
 from crosslm.task import TaskSpec
 
@@ -73,12 +73,15 @@ def generate_samples(
     *,
     seen: set[str],
     seed: int,
+    snapshots: SnapshotCache | None = None,
 ) -> tuple[list[GeneratedSample], GenerationStats]:
-    """cfg.samples_per_label samples for each label; `seen` (content hashes) is updated in place."""
+    """cfg.samples_per_label samples for each label; `seen` (content hashes) is updated in place.
+    With `snapshots`, an unchanged model's sampling snapshot is reused instead of rebuilt."""
     torch.manual_seed(seed)
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, model_device(model))
     t0 = time.perf_counter()
-    snapshot = generation_model(model, dtype)  # the current adapter merged in; freed on return
+    # the current adapter merged in
+    snapshot = snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
     jobs = [y for y in range(task.num_labels) for _ in range(cfg.samples_per_label)]
     prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
     eos = tokenizer.eos_token_id

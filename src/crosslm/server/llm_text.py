@@ -55,7 +55,10 @@ class PairBatch:
         return self.input_ids[:, -self.keep :]
 
 
-def pair_batch(contexts: Sequence[list[int]], continuations: Sequence[list[int]], pad_id: int) -> PairBatch:
+def pair_batch(
+    contexts: Sequence[list[int]], continuations: Sequence[list[int]], pad_id: int, device: Any = None
+) -> PairBatch:
+    """The batch on `device` (None: the CPU); pass the device of the model that will read it."""
     seqs = [list(c) + list(x) for c, x in zip(contexts, continuations, strict=True)]
     length = max(len(s) for s in seqs)
     keep = max(len(x) for x in continuations)
@@ -66,6 +69,8 @@ def pair_batch(contexts: Sequence[list[int]], continuations: Sequence[list[int]]
         ids[i, length - len(s) :] = torch.tensor(s)
         attn[i, length - len(s) :] = 1
         tmask[i, keep - len(x) :] = True
+    if device is not None:
+        ids, attn, tmask = ids.to(device), attn.to(device), tmask.to(device)
     return PairBatch(ids, attn, tmask, keep)
 
 

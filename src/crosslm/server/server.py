@@ -22,7 +22,7 @@ from crosslm.client.trainer import fit
 from crosslm.config import RunConfig
 from crosslm.errors import CrossLMError, ProtocolError
 from crosslm.evaluation.metrics import distinct_n
-from crosslm.precision import dtype_name, resolve_dtype
+from crosslm.precision import dtype_name, resolve_device, resolve_dtype
 from crosslm.protocol import (
     SLMEnhanced,
     SLMUpload,
@@ -32,7 +32,7 @@ from crosslm.protocol import (
     encode,
     model_config_dict,
 )
-from crosslm.server.decoding import generation_model
+from crosslm.server.decoding import SnapshotCache
 from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
 from crosslm.server.generate import generate_samples
 from crosslm.server.losses import kd_targets
@@ -71,6 +71,10 @@ class CrossLMServer:
         self.llm_eval_data = llm_eval_data
         self.log = log
         self.log_synthetic = log_synthetic
+        self.device = resolve_device(cfg.llm.device, "llm.device")
+        self.snapshots = SnapshotCache()  # one merged copy of the LLM for evaluation and the next sampling
+        if llm is not None:
+            llm.to(self.device)
         self.models: dict[str, ClientModel] = {}
         self.pending: list[str] = []
         self.update = 0
@@ -113,7 +117,7 @@ class CrossLMServer:
             ) from None
         model = build_model(msg.model_type, msg.model_config, len(self.task.labels))
         model.load_state_dict(msg.state_dict, strict=True)
-        model.eval()
+        model.to(self.device).eval()
         return ClientModel(
             client_id=msg.client_id,
             slm=msg.slm,
@@ -160,7 +164,13 @@ class CrossLMServer:
 
         # 3. generate
         samples, gstats = generate_samples(
-            self.llm, self.tokenizer, self.task, cfg.generation, seen=self.seen, seed=cfg.seed * 100_003 + u
+            self.llm,
+            self.tokenizer,
+            self.task,
+            cfg.generation,
+            seen=self.seen,
+            seed=cfg.seed * 100_003 + u,
+            snapshots=self.snapshots,
         )
         self.pool += [SyntheticExample(s.text, s.label, s.hash, u, u - 1) for s in samples]
         lap("generate")
@@ -318,8 +328,8 @@ class CrossLMServer:
                                 ("uppercase", [v.upper() for v in self.task.verbalizer])):  # fmt: skip
                 if tuple(words) != self.task.verbalizer and len(set(words)) == len(words):
                     forms[name] = words
-        dtype = resolve_dtype(self.cfg.eval.llm_dtype)
-        model = generation_model(self.llm, dtype)  # the adapter merged in: the same function, less work
+        dtype = resolve_dtype(self.cfg.eval.llm_dtype, self.device)
+        model = self.snapshots.get(self.llm, dtype)  # the adapter merged in: the same function, less work
         metrics = evaluate_llm(
             model, self.tokenizer, self.task, self.llm_eval_data, other_verbalizers=forms, **kw
         )

@@ -66,7 +66,8 @@ def tune_adapter(
     micro = max(1, cfg.micro_batch_size)
     # bfloat16 autocast: the matmuls in bfloat16, the adapter, its gradients and AdamW in float32. The
     # frozen reference of L_PR runs under the same autocast, so L_PR is still exactly 0 at B = 0.
-    amp = precision.autocast(cfg.autocast)
+    device = precision.model_device(model)
+    amp = precision.autocast(cfg.autocast, device)
     for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
         rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
         conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
@@ -76,8 +77,10 @@ def tune_adapter(
         # Gradient accumulation over micro-batches: the same loss and gradient, a fraction of the memory.
         for s in range(0, len(rows) if cfg.qg_weight > 0 or cfg.alpha > 0 else 0, micro):
             part = rows[s : s + micro]
-            batch = pair_batch([prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id)
-            q = torch.tensor([qq for _, _, qq in part], dtype=torch.float)
+            batch = pair_batch(
+                [prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id, device
+            )
+            q = torch.tensor([qq for _, _, qq in part], dtype=torch.float, device=device)
             with amp:
                 logits = next_token_logits(model, batch).float()
             l_qg = quality_guided_loss(
@@ -100,7 +103,7 @@ def tune_adapter(
                 scores = label_scores(
                     model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
                 )
-            l_task = task_loss(scores, torch.tensor([y for _, y in picked]))
+            l_task = task_loss(scores, torch.tensor([y for _, y in picked], device=device))
             (cfg.lambda_task * l_task).backward()
             step["task"] = float(l_task.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)

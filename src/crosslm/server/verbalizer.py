@@ -65,12 +65,13 @@ def _shared_prefix_scores(
     from transformers import DynamicCache
 
     kw = cache_kwarg(model)
-    out = torch.empty(len(prompts), len(answers))
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), len(answers), device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc="LLM label scores", leave=False, disable=not progress):
         idx = order[s : s + batch_size]
-        batch = pair_batch([[] for _ in idx], [prompts[i] for i in idx], pad_id)
+        batch = pair_batch([[] for _ in idx], [prompts[i] for i in idx], pad_id, device)
         cache = DynamicCache(config=getattr(model, "config", None))
         first = model(
             input_ids=batch.input_ids,
@@ -87,22 +88,22 @@ def _shared_prefix_scores(
             if len(ans) > 1:
                 n = len(ans) - 1
                 step = model(
-                    input_ids=torch.tensor(ans[:-1]).expand(len(idx), -1),
+                    input_ids=torch.tensor(ans[:-1], device=device).expand(len(idx), -1),
                     attention_mask=torch.cat(
-                        [batch.attention_mask, torch.ones(len(idx), n, dtype=torch.long)], 1
+                        [batch.attention_mask, torch.ones(len(idx), n, dtype=torch.long, device=device)], 1
                     ),
-                    position_ids=last_pos + torch.arange(1, n + 1),
+                    position_ids=last_pos + torch.arange(1, n + 1, device=device),
                     use_cache=True,
                     **{kw: cache},
                 )
                 logp = torch.log_softmax(step.logits.float(), dim=-1)
                 score += (
-                    logp.gather(-1, torch.tensor(ans[1:]).expand(len(idx), -1).unsqueeze(-1))
+                    logp.gather(-1, torch.tensor(ans[1:], device=device).expand(len(idx), -1).unsqueeze(-1))
                     .squeeze(-1)
                     .sum(-1)
                 )
                 cache.crop(-n)  # drop this label's tokens: back to the shared prompt
-            out[idx, c] = score
+            out[torch.tensor(idx, device=device), c] = score
     return out
 
 
