@@ -42,6 +42,30 @@ def test_rejection_sampler_draws_the_renormalised_nucleus():
     assert p_value > 1e-3, (counts, expected)
 
 
+def test_rejection_sampler_takes_exactly_the_draws_of_the_full_check():
+    """The shortcut (accept when the rest of the row is under top_p) changes no decision."""
+
+    def full_check(probs, top_p, generator):
+        out, rows = torch.empty(probs.shape[0], dtype=torch.long), torch.arange(probs.shape[0])
+        while rows.numel():
+            p = probs[rows]
+            cdf = p.cumsum(-1)
+            u = torch.rand(rows.numel(), 1, generator=generator) * cdf[:, -1:]
+            tok = torch.searchsorted(cdf, u, right=True).clamp_(max=p.shape[1] - 1)
+            ok = (p * (p > p.gather(-1, tok))).sum(-1) < top_p
+            out[rows[ok]] = tok[ok, 0]
+            rows = rows[~ok]
+        return out
+
+    torch.manual_seed(0)
+    for temperature in (0.3, 1.0, 3.0):  # peaked rows take the shortcut, flat ones the full check
+        probs = torch.softmax(torch.randn(256, 500) / temperature, -1)
+        for top_p in (0.5, 0.9, 0.95):
+            want = full_check(probs, top_p, torch.Generator().manual_seed(7))
+            got = sample_top_p(probs, top_p, torch.Generator().manual_seed(7))
+            assert torch.equal(got, want)
+
+
 def test_top_p_one_keeps_the_whole_vocabulary():
     probs = torch.softmax(torch.randn(4, 50), -1)
     assert nucleus_mask(probs, 1.0).all()

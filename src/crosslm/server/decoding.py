@@ -160,8 +160,13 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator |
         u = torch.rand(rows.numel(), 1, generator=generator, device=probs.device) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u, right=True).clamp_(max=p.shape[1] - 1)
         chosen = p.gather(-1, tok)
-        above = (p * (p > chosen)).sum(-1)
-        ok = above < top_p
+        # The mass above the chosen token is at most the rest of the row, so a draw whose rest is clearly
+        # under top_p is in the nucleus; only the other rows pay for the full check (usually few).
+        ok = (cdf[:, -1] - chosen[:, 0]) < top_p - 1e-4
+        unsure = torch.nonzero(~ok).flatten()
+        if unsure.numel():
+            pu = p[unsure]
+            ok[unsure] = (pu * (pu > chosen[unsure])).sum(-1) < top_p
         out[rows[ok]] = tok[ok, 0]
         rows = rows[~ok]
     return out
@@ -210,7 +215,12 @@ def sample_tokens(
     alive = list(range(len(prompts)))  # the prompt index of each row still sampling
     result: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1) if greedy else sample_top_p(torch.softmax(logits / temperature, -1), top_p)
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = sample_top_p(
+                torch.softmax(logits if temperature == 1.0 else logits / temperature, -1), top_p
+            )
         finished = []
         for j, (row, token) in enumerate(zip(alive, nxt.tolist(), strict=True)):
             result[row].append(token)
