@@ -66,6 +66,11 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     assert "SLM: CrossLM ≥ KD without feedback + 3 pp | 0.71 | 0.68 | +3.0 | met |" in md
     assert "LLM: CrossLM ≥ best zero-shot + 15 pp | 0.8 | 0.7 | +10.0 | **missed** |" in md
     assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142, rel=1e-3))
+    assert "## SLM accuracy on the global test split (%), final" in md
+    exp.overrides = {"eval.split": "validation"}  # a tuning run names the split its numbers are on
+    md = results_markdown(rows, exp)
+    assert "## SLM accuracy on the validation split (eval.split) (%), final" in md
+    assert "global test split (%)" not in md
 
 
 def test_experiment_config_is_checked_before_anything_runs(tmp_path):

@@ -193,7 +193,10 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
     out = [f"# Experiment '{exp.name}'", "",
            f"Tasks: {', '.join(tasks)}; seeds: {seeds}; each cell is one `crosslm run` with the method's preset "
            f"on `{exp.base_config}` + {exp.overrides or 'no overrides'}. Mean ± standard deviation over seeds.", ""]  # fmt: skip
+    split = "validation" if (exp.overrides or {}).get("eval.split") == "validation" else "test"
     for title, key, scale in TABLES:
+        if split == "validation":  # a tuning run: its "global" numbers are on the validation split
+            title = title.replace("the global test split", "the validation split (eval.split)")
         lines = [f"## {title}", "", "| method | " + " | ".join(tasks) + " | mean over tasks |",
                  "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
         any_value = False
