@@ -106,3 +106,25 @@ def test_select_good_requires_agreeing_argmax_and_threshold():
     fb = _feedback([(0.55, 0), (0.9, 1)])
     assert select_good(labels, fb, num_labels=2, tau=0.6, max_per_label=10) == []  # label 0 below tau
     assert sorted(select_good(labels, fb, num_labels=2, tau=0.5, max_per_label=10)) == [0, 1]
+
+
+def test_select_good_skips_a_label_without_candidates_only_when_asked():
+    """trec's case: one label the SLMs never predict. Strict balance empties S+; 'skip' balances the rest."""
+    labels = [0, 0, 0, 1, 1, 2]
+    probs = torch.tensor(
+        [
+            [0.9, 0.05, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.7, 0.2, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.7, 0.1],
+            [0.5, 0.3, 0.2],
+        ]
+    )
+    fb = Feedback(q=probs[torch.arange(6), torch.tensor(labels)], ensemble_probs=probs, per_client={})
+    kw = {"num_labels": 3, "tau": 0.6, "max_per_label": 10}
+    assert select_good(labels, fb, **kw) == []
+    good = select_good(labels, fb, skip_missing=True, **kw)
+    assert sorted(good) == [0, 1, 3, 4]  # two per present label, the highest q first; label 2 left out
+    nothing = Feedback(q=torch.zeros(6), ensemble_probs=probs, per_client={})
+    assert select_good(labels, nothing, skip_missing=True, **kw) == []

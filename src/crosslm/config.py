@@ -137,6 +137,12 @@ class FeedbackConfig:
     )
     tau: float = _f(0.6, "Quality threshold on q for S+ (and for the hard L_QG variant).")
     max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
+    missing_labels: str = _f(
+        "empty",
+        "When some label has no sample that qualifies for S+: 'empty' (S+ is empty: strict class balance) or "
+        "'skip' (S+ is balanced over the labels that have one; splus_per_label in metrics.jsonl shows the "
+        "labels left out).",
+    )
     enabled: bool = _f(
         True,
         "False = data-free KD without feedback: no SLM scoring, S+ = every generated sample, hard labels.",
@@ -442,6 +448,7 @@ def validate(cfg: RunConfig) -> None:
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
     need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")
+    need(fb.missing_labels in ("empty", "skip"), "feedback.missing_labels", "empty or skip")
     need(
         fb.prior_correction in ("pool", "counts", "none"), "feedback.prior_correction", "pool, counts or none"
     )

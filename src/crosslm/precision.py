@@ -59,8 +59,11 @@ def resolve_device(name: str, key: str = "device") -> Any:
 
 
 def model_device(model: Any) -> Any:
-    """The device a model computes on (that of its first parameter)."""
-    return next(model.parameters()).device
+    """The device a model computes on: that of its first parameter (the CPU for one without any)."""
+    import torch
+
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def resolve_dtype(name: str, device: Any = "cpu") -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crosslm.precision import model_device
 from crosslm.server.llm_text import continuation_logprobs, pair_batch
 
 
@@ -25,7 +26,7 @@ def perplexity(
     """exp(mean NLL) over non-overlapping blocks of the concatenated texts, up to `max_tokens` tokens.
     Returns (perplexity, number of scored tokens). Deterministic: same texts, same blocks."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids: list[int] = []
     for t in texts:
         ids += tokenizer(t, add_special_tokens=False).input_ids

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from crosslm.precision import model_device
 from crosslm.server.llm_text import cache_kwarg
 
 
@@ -105,7 +106,7 @@ def generation_model(model: Any, dtype: torch.dtype, rows_hint: int = 48) -> Any
     if hasattr(snap, "merge_and_unload"):  # a peft model
         snap = snap.merge_and_unload()
     snap = snap.to(dtype).eval()
-    on_cpu = next(snap.parameters()).device.type == "cpu"
+    on_cpu = model_device(snap).type == "cpu"
     if snap.config._attn_implementation == "sdpa" and on_cpu:
         snap.set_attn_implementation(_register_decode_attention())
     if dtype == torch.bfloat16 and on_cpu and can_pack_bf16():
@@ -188,7 +189,7 @@ def sample_tokens(
     from transformers import StaticCache
 
     kw = cache_kwarg(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
     row_prompt = torch.tensor([unique.index(tuple(p)) for p in prompts], device=device)
     width = max(len(p) for p in unique)

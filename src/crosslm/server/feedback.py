@@ -100,10 +100,18 @@ def score(
 
 
 def select_good(
-    labels: Sequence[int], feedback: Feedback, *, num_labels: int, tau: float, max_per_label: int
+    labels: Sequence[int],
+    feedback: Feedback,
+    *,
+    num_labels: int,
+    tau: float,
+    max_per_label: int,
+    skip_missing: bool = False,
 ) -> list[int]:
     """S+: indices whose ensemble argmax is the intended label and q >= tau, the same count m per label
-    (m = the smallest label's count, capped), highest q first. Empty if some label has no candidate."""
+    (m = the smallest label's count, capped), highest q first. Empty if some label has no candidate,
+    unless `skip_missing`: then m is the smallest count among the labels that have candidates (with many
+    labels, one the SLMs never predict would otherwise empty S+ at every update)."""
     y = torch.tensor(list(labels), dtype=torch.long)
     ok = (feedback.predicted == y) & (feedback.q >= tau)
     per_label = []
@@ -111,5 +119,6 @@ def select_good(
         idx = torch.nonzero(ok & (y == c)).flatten()
         idx = idx[torch.argsort(feedback.q[idx], descending=True)]
         per_label.append(idx.tolist())
-    m = min(min(len(p) for p in per_label), max_per_label)
+    counts = [len(p) for p in per_label if p or not skip_missing]
+    m = min(min(counts, default=0), max_per_label)
     return sorted(i for p in per_label for i in p[:m])

@@ -194,6 +194,7 @@ class CrossLMServer:
                 num_labels=self.task.num_labels,
                 tau=cfg.feedback.tau,
                 max_per_label=cfg.feedback.max_per_label,
+                skip_missing=cfg.feedback.missing_labels == "skip",
             )
         else:  # data-free KD without feedback: nothing is scored, every sample is used with its label
             fb = Feedback.unscored(len(texts), self.task.num_labels)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslm.evaluation.metrics import classification_metrics
+from crosslm.precision import model_device
 from crosslm.server.llm_text import (
     answer_ids,
     cache_kwarg,
@@ -65,7 +66,7 @@ def _shared_prefix_scores(
     from transformers import DynamicCache
 
     kw = cache_kwarg(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = torch.empty(len(prompts), len(answers), device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     starts = range(0, len(order), batch_size)
