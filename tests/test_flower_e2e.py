@@ -125,6 +125,13 @@ def test_unregistered_or_keyless_supernodes_are_refused(tmp_path):
         dep.stop_all()
 
 
+def _checkpointed_update(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "checkpoint" / "state.json").read_text())["update"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
 def _wait_for(pred, timeout: float, what: str) -> None:
     t0 = time.monotonic()
     while not pred():
@@ -185,7 +192,9 @@ def test_a_killed_server_resumes_from_its_checkpoint(tmp_path):
     try:
         dep.start(specs)
         dep.submit(rc)
-        _wait_for(lambda: len(_events(run_dir, "server_update")) >= 2, 900, "two server updates")
+        # kill once two updates are checkpointed (the update's event is logged before its replies and
+        # checkpoint are written, so waiting on the event alone races the checkpoint)
+        _wait_for(lambda: _checkpointed_update(run_dir) >= 2, 900, "two checkpointed server updates")
         dep.kill("superlink", signal.SIGKILL)  # the SuperLink and the ServerApp it runs die at once
         state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
         logged = [

@@ -124,7 +124,7 @@ class SnapshotCache:
 
     The server scores the LLM right after tuning it and samples from it at the start of the next update;
     nothing writes its weights in between, so both passes read one snapshot and the build (a copy, the
-    merge, the cast and the packing: about 0.6 s for SmolLM2-135M on this project's CPU) is paid once."""
+    merge, the cast and the packing: 0.1-0.4 s for SmolLM2-135M on this project's CPU) is paid once."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None

@@ -73,7 +73,7 @@ class CrossLMServer:
         self.log_synthetic = log_synthetic
         self.device = resolve_device(cfg.llm.device, "llm.device")
         self.snapshots = SnapshotCache()  # one merged copy of the LLM for evaluation and the next sampling
-        if llm is not None:
+        if isinstance(llm, torch.nn.Module):  # the baselines' server has no LLM
             llm.to(self.device)
         self.models: dict[str, ClientModel] = {}
         self.pending: list[str] = []
