@@ -155,7 +155,7 @@ def main() -> None:
 
     batched_bf16 = None
     if device.type == "cuda":  # a GPU user's own baseline: generate in bfloat16 at crosslm's batch size
-        model_bf16 = generation_model(model, torch.bfloat16).to(device)
+        model_bf16 = generation_model(model, torch.bfloat16)  # on the model's device
         many = [prompts[i % 2] for i in range(2 * cfg.batch_size)]
         batched_bf16, _ = generate_speed(model_bf16, tok, many, cfg, cfg.batch_size)
         del model_bf16

@@ -72,6 +72,7 @@ def _shared_prefix_scores(
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc="LLM label scores", leave=False, disable=not progress):
         idx = order[s : s + batch_size]
+        rows = torch.tensor(idx, device=device)
         batch = pair_batch([[] for _ in idx], [prompts[i] for i in idx], pad_id, device)
         cache = DynamicCache(config=getattr(model, "config", None))
         first = model(
@@ -104,7 +105,7 @@ def _shared_prefix_scores(
                     .sum(-1)
                 )
                 cache.crop(-n)  # drop this label's tokens: back to the shared prompt
-            out[torch.tensor(idx, device=device), c] = score
+            out[rows, c] = score
     return out
 
 
