@@ -26,7 +26,9 @@ def bf16_is_faster(hidden: int = 576, rows: int = 48) -> bool:
     import torch
 
     def seconds(dtype: torch.dtype) -> float:
-        x, w = torch.randn(rows, hidden, dtype=dtype), torch.randn(4 * hidden, hidden, dtype=dtype)
+        g = torch.Generator().manual_seed(0)  # not the global RNG: a probe must not shift a run's draws
+        x = torch.randn(rows, hidden, dtype=dtype, generator=g)
+        w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=g)
         torch.nn.functional.linear(x, w)
         t0 = time.perf_counter()
         for _ in range(20):

@@ -7,7 +7,6 @@ config -> data + federation split -> clients (local SLMs) -> server (LLM + LoRA)
 from __future__ import annotations
 
 import os
-import random
 import resource
 import time
 from collections.abc import Callable
@@ -15,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from crosslm import interrupts
@@ -29,15 +27,10 @@ from crosslm.evaluation.report import summary_table, write_report
 from crosslm.io import JsonlWriter, read_jsonl
 from crosslm.partition import FederatedSplit, federated_split
 from crosslm.runtime.inprocess import InProcessRuntime
+from crosslm.seeding import seed_everything
 from crosslm.server.server import CrossLMServer
 from crosslm.server.tune_llm import add_lora
 from crosslm.task import LabelledTexts, TaskSpec
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_run_dir(cfg: RunConfig, *, resume: bool = False) -> Path:

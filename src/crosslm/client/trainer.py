@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from crosslm import precision
 from crosslm.evaluation.metrics import classification_metrics
+from crosslm.seeding import own_rng
 from crosslm.task import LabelledTexts
 
 
@@ -46,40 +47,42 @@ def fit(
     """Train `model` in place on (texts, target distributions). Returns the mean loss of the last epoch.
 
     `autocast` bfloat16 (or auto, where bfloat16 runs faster here) runs the forward passes under torch
-    autocast; weights, gradients and AdamW stay float32 (mixed precision)."""
+    autocast; weights, gradients and AdamW stay float32 (mixed precision). Shuffling and dropout draw
+    only from `seed`, so the result does not depend on what ran before in the process."""
     if len(texts) == 0:
         return float("nan")
     device = precision.model_device(model)
-    amp = precision.autocast(autocast, device)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total_steps, 1))
-    last = float("nan")
-    with tqdm(total=total_steps, desc=desc, leave=False, unit="step") as bar:
-        for _ in range(epochs):
-            losses = []
-            for idx in _batches(len(texts), batch_size, gen):
-                enc = tokenizer(
-                    [texts[i] for i in idx],
-                    truncation=True,
-                    max_length=max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(device)
-                with amp:
-                    logits = model(**enc).logits
-                loss = soft_cross_entropy(logits.float(), targets[idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            last = sum(losses) / len(losses)
+    with own_rng(seed, device):
+        amp = precision.autocast(autocast, device)
+        gen = torch.Generator().manual_seed(seed)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        total_steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total_steps, 1))
+        last = float("nan")
+        with tqdm(total=total_steps, desc=desc, leave=False, unit="step") as bar:
+            for _ in range(epochs):
+                losses = []
+                for idx in _batches(len(texts), batch_size, gen):
+                    enc = tokenizer(
+                        [texts[i] for i in idx],
+                        truncation=True,
+                        max_length=max_length,
+                        padding=True,
+                        return_tensors="pt",
+                    ).to(device)
+                    with amp:
+                        logits = model(**enc).logits
+                    loss = soft_cross_entropy(logits.float(), targets[idx].to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    losses.append(loss.item())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                last = sum(losses) / len(losses)
     model.eval()
     return last
 

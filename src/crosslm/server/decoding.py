@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from crosslm.precision import model_device
+from crosslm.seeding import own_rng
 from crosslm.server.llm_text import cache_kwarg
 
 
@@ -90,8 +91,9 @@ class PackedLinear(torch.nn.Module):
 def can_pack_bf16() -> bool:
     """oneDNN weight packing exists in this torch build and gives the product of a plain Linear."""
     try:
-        lin = torch.nn.Linear(64, 96, dtype=torch.bfloat16)
-        x = torch.randn(5, 64, dtype=torch.bfloat16)
+        with own_rng(0):  # not the global RNG: a probe must not shift a run's draws
+            lin = torch.nn.Linear(64, 96, dtype=torch.bfloat16)
+            x = torch.randn(5, 64, dtype=torch.bfloat16)
         got = PackedLinear(lin, 48)(x)
     except (AttributeError, RuntimeError):
         return False

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from crosslm.config import GenerationConfig
 from crosslm.precision import dtype_name, model_device, resolve_dtype
+from crosslm.seeding import own_rng
 from crosslm.server.decoding import SnapshotCache, generation_model, sample_tokens
 from crosslm.server.llm_text import user_prompt_ids
 from crosslm.task import TaskSpec
@@ -77,38 +78,39 @@ def generate_samples(
 ) -> tuple[list[GeneratedSample], GenerationStats]:
     """cfg.samples_per_label samples for each label; `seen` (content hashes) is updated in place.
     With `snapshots`, an unchanged model's sampling snapshot is reused instead of rebuilt."""
-    torch.manual_seed(seed)
     dtype = resolve_dtype(cfg.dtype, model_device(model))
-    t0 = time.perf_counter()
-    # the current adapter merged in
-    snapshot = snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
-    jobs = [y for y in range(task.num_labels) for _ in range(cfg.samples_per_label)]
-    prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
-    eos = tokenizer.eos_token_id
-    kept: list[GeneratedSample] = []
-    tokens = 0
-    with tqdm(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
-        for s in range(0, len(jobs), cfg.batch_size):
-            labels = jobs[s : s + cfg.batch_size]
-            rows = sample_tokens(
-                snapshot,
-                [prompts[y] for y in labels],
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                eos_id=eos,
-                pad_id=tokenizer.pad_token_id,
-            )
-            for y, row in zip(labels, rows, strict=True):
-                tokens += len(row)
-                text = clean_sample(
-                    tokenizer.decode(row, skip_special_tokens=True), eos not in row, cfg.min_words
+    # Every draw (and anything the snapshot build draws) from `seed` alone; the global RNG is left as it was.
+    with own_rng(seed, model_device(model)):
+        t0 = time.perf_counter()
+        # the current adapter merged in
+        snapshot = snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
+        jobs = [y for y in range(task.num_labels) for _ in range(cfg.samples_per_label)]
+        prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
+        eos = tokenizer.eos_token_id
+        kept: list[GeneratedSample] = []
+        tokens = 0
+        with tqdm(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
+            for s in range(0, len(jobs), cfg.batch_size):
+                labels = jobs[s : s + cfg.batch_size]
+                rows = sample_tokens(
+                    snapshot,
+                    [prompts[y] for y in labels],
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    eos_id=eos,
+                    pad_id=tokenizer.pad_token_id,
                 )
-                h = content_hash(text)
-                if len(text.split()) < cfg.min_words or h in seen:
-                    continue
-                seen.add(h)
-                kept.append(GeneratedSample(text, y, h))
-            bar.update(len(labels))
+                for y, row in zip(labels, rows, strict=True):
+                    tokens += len(row)
+                    text = clean_sample(
+                        tokenizer.decode(row, skip_special_tokens=True), eos not in row, cfg.min_words
+                    )
+                    h = content_hash(text)
+                    if len(text.split()) < cfg.min_words or h in seen:
+                        continue
+                    seen.add(h)
+                    kept.append(GeneratedSample(text, y, h))
+                bar.update(len(labels))
     stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, dtype_name(dtype))
     return kept, stats

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from crosslm import precision
 from crosslm.config import LLMConfig, TuneConfig
+from crosslm.seeding import own_rng
 from crosslm.server.llm_text import (
     answer_ids,
     gather_logprobs,
@@ -68,48 +69,56 @@ def tune_adapter(
     # frozen reference of L_PR runs under the same autocast, so L_PR is still exactly 0 at B = 0.
     device = precision.model_device(model)
     amp = precision.autocast(cfg.autocast, device)
-    for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
-        rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
-        conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
-        n_tokens = sum(len(c) for c in conts)  # L_PR is a mean over all generated-token positions
-        opt.zero_grad(set_to_none=True)
-        step = {"qg": 0.0, "pr": 0.0, "task": 0.0}
-        # Gradient accumulation over micro-batches: the same loss and gradient, a fraction of the memory.
-        for s in range(0, len(rows) if cfg.qg_weight > 0 or cfg.alpha > 0 else 0, micro):
-            part = rows[s : s + micro]
-            batch = pair_batch(
-                [prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id, device
+    with own_rng(seed, device):  # LoRA dropout: from this update's seed alone
+        for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
+            rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
+            conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
+            n_tokens = sum(len(c) for c in conts)  # L_PR is a mean over all generated-token positions
+            opt.zero_grad(set_to_none=True)
+            step = {"qg": 0.0, "pr": 0.0, "task": 0.0}
+            # Gradient accumulation over micro-batches: the same loss and gradient, a fraction of the memory.
+            for s in range(0, len(rows) if cfg.qg_weight > 0 or cfg.alpha > 0 else 0, micro):
+                part = rows[s : s + micro]
+                batch = pair_batch(
+                    [prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id, device
+                )
+                q = torch.tensor([qq for _, _, qq in part], dtype=torch.float, device=device)
+                with amp:
+                    logits = next_token_logits(model, batch).float()
+                l_qg = quality_guided_loss(
+                    gather_logprobs(logits, batch),
+                    batch.target_mask,
+                    q,
+                    beta=cfg.beta,
+                    hard=cfg.hard,
+                    tau=tau,
+                ) * (len(part) / len(rows))
+                loss = cfg.qg_weight * l_qg
+                if cfg.alpha > 0:
+                    with torch.no_grad(), model.disable_adapter(), amp:
+                        base = next_token_logits(model, batch).float()
+                    l_pr = probability_regularizer(logits, base, batch.target_mask) * (
+                        int(batch.target_mask.sum()) / n_tokens
+                    )
+                    loss = loss + cfg.alpha * l_pr
+                    step["pr"] += float(l_pr.detach())
+                loss.backward()
+                step["qg"] += float(l_qg.detach())
+            if cfg.lambda_task > 0 and good:
+                picked = rng.sample(list(good), min(cfg.task_batch_size, len(good)))
+                with amp:
+                    scores = label_scores(
+                        model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
+                    )
+                l_task = task_loss(scores, torch.tensor([y for _, y in picked], device=device))
+                (cfg.lambda_task * l_task).backward()
+                step["task"] = float(l_task.detach())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step["total"] = (
+                cfg.qg_weight * step["qg"] + cfg.lambda_task * step["task"] + cfg.alpha * step["pr"]
             )
-            q = torch.tensor([qq for _, _, qq in part], dtype=torch.float, device=device)
-            with amp:
-                logits = next_token_logits(model, batch).float()
-            l_qg = quality_guided_loss(
-                gather_logprobs(logits, batch), batch.target_mask, q, beta=cfg.beta, hard=cfg.hard, tau=tau
-            ) * (len(part) / len(rows))
-            loss = cfg.qg_weight * l_qg
-            if cfg.alpha > 0:
-                with torch.no_grad(), model.disable_adapter(), amp:
-                    base = next_token_logits(model, batch).float()
-                l_pr = probability_regularizer(logits, base, batch.target_mask) * (
-                    int(batch.target_mask.sum()) / n_tokens
-                )
-                loss = loss + cfg.alpha * l_pr
-                step["pr"] += float(l_pr.detach())
-            loss.backward()
-            step["qg"] += float(l_qg.detach())
-        if cfg.lambda_task > 0 and good:
-            picked = rng.sample(list(good), min(cfg.task_batch_size, len(good)))
-            with amp:
-                scores = label_scores(
-                    model, tokenizer, task, [t for t, _ in picked], max_text_tokens=max_text_tokens
-                )
-            l_task = task_loss(scores, torch.tensor([y for _, y in picked], device=device))
-            (cfg.lambda_task * l_task).backward()
-            step["task"] = float(l_task.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step["total"] = cfg.qg_weight * step["qg"] + cfg.lambda_task * step["task"] + cfg.alpha * step["pr"]
-        for k, v in step.items():
-            sums[k] += v / cfg.steps
+            for k, v in step.items():
+                sums[k] += v / cfg.steps
     model.eval()
     return sums

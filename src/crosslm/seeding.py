@@ -1,0 +1,34 @@
+"""Seeds. Each randomised pass (SLM training, LLM tuning, sampling) draws from its own seeded RNG.
+
+Dropout and sampling draw from torch's global RNG. Were they to share it, a client's local training
+would depend on what the server happened to run before it (in virtual time), and so on the method being
+compared: the same client, seed and data would train differently under CrossLM and under a baseline.
+`own_rng` forks the global state for the duration of one pass, seeds it, and restores it afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def own_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with torch's RNG (CPU, and `device` if it is a GPU) seeded to `seed`; the state
+    from before the block is restored afterwards, so the block neither depends on nor disturbs it."""
+    devices: list[int] = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
