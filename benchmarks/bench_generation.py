@@ -5,7 +5,8 @@ Measures, in one run on one machine, on the same model, prompts and sampling set
 - plain Hugging Face `generate` at batch 1 and batch 8 (float32, the call crosslm used to make);
 - crosslm's generation path (`generate_samples`, the server's code) with `generation.dtype` auto and float32:
   the first call in the process, a call that reuses the snapshot (the server's case: its evaluation of the
-  tuned LLM built it), and a call that builds its own;
+  tuned LLM built it), and a call that builds its own; and the snapshot-reusing call again with the
+  model's own forward for each decode step in place of the lean one (`server/lean_decode.py`);
 - that the output distribution is unchanged: greedy tokens of the float32 path against `generate`
   (identical or not), and a chi-square test of token frequencies, crosslm's sampled path against
   `generate`'s (p-value; same temperature and top-p);
@@ -148,7 +149,14 @@ def main() -> None:
     # reuses it (SnapshotCache); a call that builds its own snapshot is reported too
     snapshots = SnapshotCache()
     _, cold_stats = generate_samples(model, tok, task, cfg, seen=set(), seed=0, snapshots=snapshots)
-    _, auto_stats = generate_samples(model, tok, task, cfg, seen=set(), seed=1, snapshots=snapshots)
+    auto_rows, auto_stats = generate_samples(model, tok, task, cfg, seen=set(), seed=1, snapshots=snapshots)
+    # the same call with the model's own forward for each decode step instead of the lean one
+    snap = snapshots.get(model, resolve_dtype(cfg.dtype, device))
+    lean, snap.crosslm_decoder = snap.crosslm_decoder, None
+    model_step_rows, model_step_stats = generate_samples(
+        model, tok, task, cfg, seen=set(), seed=1, snapshots=snapshots
+    )
+    snap.crosslm_decoder = lean
     _, build_stats = generate_samples(model, tok, task, cfg, seen=set(), seed=2)
     cfg32 = GenerationConfig(samples_per_label=args.samples_per_label, dtype="float32")
     _, f32_stats = generate_samples(model, tok, task, cfg32, seen=set(), seed=0)
@@ -218,6 +226,10 @@ def main() -> None:
                 "crosslm_tokens_per_s": round(ours, 1),
                 "crosslm_first_call_tokens_per_s": round(cold_stats.tokens_per_s, 1),
                 "crosslm_with_snapshot_build_tokens_per_s": round(build_stats.tokens_per_s, 1),
+                "crosslm_lean_step": lean is not None,
+                "crosslm_model_step_tokens_per_s": round(model_step_stats.tokens_per_s, 1),
+                "crosslm_lean_and_model_step_same_texts": [r.text for r in auto_rows]
+                == [r.text for r in model_step_rows],
                 "crosslm_dtype": auto_stats.dtype,
                 "crosslm_fp32_tokens_per_s": round(ours32, 1),
                 "crosslm_texts": auto_stats.generated,

@@ -85,18 +85,77 @@ def _generate_greedy(model, prompts, pad_id, eos_id, max_new):
     return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in out]
 
 
-def test_greedy_matches_generate_token_for_token(tiny_llm):
+def _causal_lm(kind: str, vocab_size: int = 100):
+    """Tiny random decoders: Llama (the lean step), Qwen2 (the lean step with q/k/v biases), GPT-2 (no
+    lean step: the sampler calls the model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+    if kind == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    else:
+        cfg = AutoConfig.for_model(
+            kind, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, **common,
+        )  # fmt: skip
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_matches_generate_token_for_token(kind):
+    model = _causal_lm(kind)
     # prompts of different lengths, one repeated (shared prefill), and EOS able to stop rows early
     prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [12, 13, 14]]
-    snapshot = generation_model(tiny_llm, torch.float32)
+    snapshot = generation_model(model, torch.float32)
+    assert (snapshot.crosslm_decoder is None) == (kind == "gpt2")
     eos = 1
     ours = sample_tokens(
         snapshot, prompts, max_new_tokens=20, temperature=1.0, top_p=1.0, eos_id=eos, pad_id=0, greedy=True
     )
-    assert ours == _generate_greedy(tiny_llm, prompts, 0, eos, 20)
+    assert ours == _generate_greedy(model, prompts, 0, eos, 20)
     # stopping: a row that emitted EOS has no more tokens
     for row in ours:
         assert eos not in row[:-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_gives_the_models_logits(tiny_llm, dtype):
+    """Two decode steps after a left-padded prefill: the lean step's logits are the model's own."""
+    from transformers import StaticCache
+
+    snap = generation_model(tiny_llm, dtype)
+    lean = snap.crosslm_decoder
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # row 0 left-padded
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    total = 8
+    caches = [StaticCache(config=snap.config, max_cache_len=total) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            snap(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        full_mask = torch.cat([mask, torch.zeros(2, total - 5, dtype=torch.long)], -1)
+        bias = torch.zeros(2, total).masked_fill_(full_mask == 0, float("-inf"))
+        bias[:, 5:] = 0
+        kv = [(layer.keys, layer.values) for layer in caches[1].layers]
+        cos, sin = lean.rope_table(total)
+        position = positions[:, -1]
+        for step, tokens in enumerate(([20, 21], [22, 23])):
+            tokens, position = torch.tensor(tokens), position + 1
+            full_mask[:, 5 + step] = 1
+            want = snap(input_ids=tokens[:, None], attention_mask=full_mask, position_ids=position[:, None],
+                        past_key_values=caches[0], use_cache=True).logits[:, -1].float()  # fmt: skip
+            got = lean.step(tokens, cos[position], sin[position], kv, 5 + step, bias)
+            # the same operations in the same dtype: equal here up to rounding (a wrong activation or
+            # rotation moves them by ~1e-3 on this model, whose logits have a spread of ~0.1)
+            tol = 1e-5 if dtype == torch.float32 else 5e-4
+            assert (got - want).abs().max() <= tol, step
 
 
 def test_snapshot_carries_the_lora_update(tiny_llm):

@@ -254,7 +254,7 @@ def log_perplexity(log: RunLog, server: CrossLMServer, texts: list[str], stage: 
     from crosslm.server.decoding import generation_model
 
     cfg = server.cfg
-    model = generation_model(server.llm, torch.float32)
+    model = generation_model(server.llm, torch.float32, lean=False)
     ppl, n = perplexity(model, server.tokenizer, texts, max_tokens=cfg.eval.general_text_tokens)
     log({"event": "perplexity", "stage": stage, "update": server.update, "perplexity": ppl, "tokens": n})
 

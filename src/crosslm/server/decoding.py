@@ -27,6 +27,7 @@ import torch
 
 from crosslm.precision import model_device
 from crosslm.seeding import own_rng
+from crosslm.server.lean_decode import lean_decoder
 from crosslm.server.llm_text import cache_kwarg
 
 
@@ -100,24 +101,40 @@ def can_pack_bf16() -> bool:
     return torch.allclose(got.float(), lin(x).float(), rtol=2e-2, atol=2e-2)
 
 
-def generation_model(model: Any, dtype: torch.dtype, rows_hint: int = 48) -> Any:
+def generation_model(model: Any, dtype: torch.dtype, rows_hint: int = 48, *, lean: bool = True) -> Any:
     """A frozen copy of `model` for sampling, on the model's device: LoRA adapters merged into the base
-    weights, cast to `dtype`; on a CPU with the single-token attention path (and, in bfloat16, oneDNN-packed
-    Linear weights). On a GPU the model's own attention kernels are kept."""
+    weights, cast to `dtype`; on a CPU with the single-token attention path, the lean decode step of
+    Llama-family models (`crosslm_decoder`) and, in bfloat16, oneDNN-packed Linear weights. On a GPU the
+    model's own forward and attention kernels are kept. `lean=False` leaves out the lean decode step (a
+    snapshot that will only score text, never sample, does not need its fused weights)."""
     snap = copy.deepcopy(model)
     if hasattr(snap, "merge_and_unload"):  # a peft model
         snap = snap.merge_and_unload()
     snap = snap.to(dtype).eval()
-    on_cpu = model_device(snap).type == "cpu"
-    if snap.config._attn_implementation == "sdpa" and on_cpu:
+    for p in snap.parameters():
+        p.requires_grad_(False)
+    if model_device(snap).type != "cpu":
+        return snap
+    if snap.config._attn_implementation == "sdpa":
         snap.set_attn_implementation(_register_decode_attention())
-    if dtype == torch.bfloat16 and on_cpu and can_pack_bf16():
+    own = {id(m): m for m in snap.modules() if type(m) is torch.nn.Linear}
+    packed: dict[int, PackedLinear] = {}
+
+    def pack(linear: torch.nn.Linear) -> PackedLinear:
+        """The snapshot's own Linears are packed once, shared by both forwards; fused ones are new."""
+        if id(linear) not in own:
+            return PackedLinear(linear, rows_hint)
+        if id(linear) not in packed:
+            packed[id(linear)] = PackedLinear(linear, rows_hint)
+        return packed[id(linear)]
+
+    use_packing = dtype == torch.bfloat16 and can_pack_bf16()
+    snap.crosslm_decoder = lean_decoder(snap, pack if use_packing else None) if lean else None
+    if use_packing:
         for parent in list(snap.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear:
-                    setattr(parent, name, PackedLinear(child, rows_hint))
-    for p in snap.parameters():
-        p.requires_grad_(False)
+                    setattr(parent, name, pack(child))
     return snap
 
 
@@ -215,6 +232,13 @@ def sample_tokens(
     _select_rows(cache, row_prompt)
     logits = out.logits[:, -1].float()[row_prompt]
     mask, position = mask[row_prompt], positions[row_prompt, -1]
+    lean = getattr(model, "crosslm_decoder", None)  # set by generation_model for Llama-family CPU snapshots
+    if lean is not None:
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        # 0 where a row attends, -inf at its prompt padding; the step reads only the filled positions
+        bias = torch.zeros(mask.shape, device=device).masked_fill_(mask == 0, float("-inf"))
+        bias[:, width:] = 0
+        cos, sin = lean.rope_table(total)
     alive = list(range(len(prompts)))  # the prompt index of each row still sampling
     result: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
@@ -240,8 +264,14 @@ def sample_tokens(
             keep = torch.tensor(kept, dtype=torch.long, device=device)
             alive = [alive[j] for j in kept]
             nxt, mask, position = nxt[keep], mask[keep], position[keep]
-            _select_rows(cache, keep)
+            if lean is not None:
+                kv, bias = [(k[keep], v[keep]) for k, v in kv], bias[keep]
+            else:
+                _select_rows(cache, keep)
         position = position + 1
+        if lean is not None:
+            logits = lean.step(nxt, cos[position], sin[position], kv, width + step, bias)
+            continue
         out = model(
             input_ids=nxt[:, None],
             attention_mask=mask,
