@@ -35,8 +35,10 @@ def _fused(linears: list[torch.nn.Linear], dtype: torch.dtype) -> torch.nn.Linea
     """One Linear whose output is the concatenation of `linears`' outputs."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
     biases = [lin.bias for lin in linears]
-    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, dtype=dtype,
-                          device=weight.device)  # fmt: skip
+    out = torch.nn.utils.skip_init(  # no random initialisation: every value is copied in below
+        torch.nn.Linear, weight.shape[1], weight.shape[0], bias=biases[0] is not None, dtype=dtype,
+        device=weight.device,
+    )  # fmt: skip
     with torch.no_grad():
         out.weight.copy_(weight)
         if out.bias is not None:
@@ -107,11 +109,6 @@ class LeanDecoder:
             )
         self.norm = base.norm.weight
         self.lm_head = wrap(model.lm_head)
-        self.split = [
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-        ]
 
     def rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [length, head_dim] for positions 0..length-1, from the model's rotary embedding."""
@@ -154,9 +151,8 @@ class LeanDecoder:
             qk = self._rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q and k in one rotation
             keys[:, :, slot] = qk[:, self.heads :]
             values[:, :, slot] = qkv[:, self.heads + self.kv_heads :]
-            q = qk[:, : self.heads].view(
-                rows, self.kv_heads, group, self.head_dim
-            )  # heads sharing a key head
+            # the query heads that share a key head side by side
+            q = qk[:, : self.heads].view(rows, self.kv_heads, group, self.head_dim)
             scores = (q @ keys[:, :, : slot + 1].transpose(-1, -2)).float() * self.scaling + mask
             att = torch.softmax(scores, -1).to(h.dtype) @ values[:, :, : slot + 1]
             h = h + layer.o(att.reshape(rows, -1))
