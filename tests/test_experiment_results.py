@@ -28,7 +28,7 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
         {"event": "server_update", "update": 1, "distinct2": 0.8, "seconds": 10.0},
         {"event": "llm_eval", "update": 1, "raw_accuracy": 0.7, "calibrated_accuracy": 0.68},
         {"event": "server_update", "update": 2, "distinct2": 0.76, "seconds": 12.0},
-        {"event": "enhanced", "client": "a", "update": 1, "bytes": 2**20},
+        {"event": "enhanced", "client": "a", "update": 1, "bytes": 2**20, "before": g(0.5), "after": g(0.75)},
         {"event": "perplexity", "stage": "start", "perplexity": 20.0},
         {"event": "perplexity", "stage": "end", "perplexity": 20.1},
         {"event": "client_eval", "client": "a", **g(0.6)},
@@ -37,6 +37,7 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
     ])  # fmt: skip
     r = cell_row(tmp_path)
     assert r["slm_acc"] == pytest.approx(0.7) and r["slm_start_acc"] == pytest.approx(0.6)
+    assert r["slm_reply_gain"] == pytest.approx(0.25)  # 0.5 -> 0.75 at the one reply
     assert r["slm_f1"] == pytest.approx(0.6) and r["slm_local_acc"] == pytest.approx(0.8)
     assert r["llm_acc"] == 0.7 and r["llm_zero_shot"] == 0.65
     assert r["ppl_change_pct"] == pytest.approx(0.5)
@@ -67,10 +68,17 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     assert "LLM: CrossLM ≥ best zero-shot + 15 pp | 0.8 | 0.7 | +10.0 | **missed** |" in md
     assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142, rel=1e-3))
     assert "## SLM accuracy on the global test split (%), final" in md
+    # paired by seed: crosslm - kd is +0.04 then +0.02
+    assert "| kd-no-feedback | +3.0 ± 1.4 (n=2) | +3.0 |" in md and "| standalone | +15.0 ± 0.0 (n=2) |" in md
+    rows.append({"task": "t", "method": "crosslm-no-qg", "seed": 1, "slm_acc": 0.60})  # one seed of two
+    exp.methods.append("crosslm-no-qg")
+    md = results_markdown(rows, exp)
+    assert "| crosslm-no-qg | 60.0 ± 0.0 (n=1) |" in md and "| crosslm-no-qg | +12.0 ± 0.0 (n=1) |" in md
+    assert "| crosslm | 71.0 ± 1.4 |" in md  # a cell with every seed carries no count
     exp.overrides = {"eval.split": "validation"}  # a tuning run names the split its numbers are on
     md = results_markdown(rows, exp)
     assert "## SLM accuracy on the validation split (eval.split) (%), final" in md
-    assert "global test split (%)" not in md
+    assert "global test split" not in md
 
 
 def test_experiment_config_is_checked_before_anything_runs(tmp_path):

@@ -15,7 +15,7 @@ from crosslm.io import atomic_write_text, read_jsonl
 
 ZERO_SHOT = "llm-zero-shot"  # a row read from the CrossLM cells' update-0 evaluation, not a run of its own
 COLUMNS = [
-    "task", "method", "seed", "slm_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "llm_acc", "llm_raw_acc",
+    "task", "method", "seed", "slm_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "slm_reply_gain", "llm_acc", "llm_raw_acc",
     "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
     "fidelity_q_ge_tau", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
     "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds",
@@ -47,6 +47,7 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "slm_f1": _mean([_get(e, "global", "macro_f1") for e in final.values()]),
         "slm_local_acc": _mean([_get(e, "local", "accuracy") for e in final.values()]),
         "slm_start_acc": _mean([_get(e, "global", "accuracy") for e in start.values()]),
+        "slm_reply_gain": _mean([_reply_gain(e) for e in by["enhanced"]]),
         "llm_raw_acc": last.get("raw_accuracy", float("nan")),
         "llm_cal_acc": last.get("calibrated_accuracy", float("nan")),
         "ppl_start": ppl.get("start", float("nan")),
@@ -84,6 +85,14 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         ]
         row["fidelity_q_ge_tau"] = fid(scored) if scored else float("nan")
     return row
+
+
+def _reply_gain(e: dict) -> float | None:
+    """Global-test accuracy of a client's SLM just after the server's reply minus just before it: what the
+    reply itself did (distillation under CrossLM and KD, extra local epochs under standalone), before the
+    client's next local round moves it again."""
+    after, before = _get(e, "after", "global", "accuracy"), _get(e, "before", "global", "accuracy")
+    return None if after is None or before is None else after - before
 
 
 def _best_zero_shot(e: dict) -> float:
@@ -175,6 +184,11 @@ TABLES = [
     ("SLM accuracy on the global test split (%), final", "slm_acc", 100.0),
     ("SLM macro-F1 on the global test split (%), final", "slm_f1", 100.0),
     ("SLM accuracy on each client's own test split (%), final", "slm_local_acc", 100.0),
+    (
+        "SLM accuracy gain at a server reply (points on the global test split, mean over replies)",
+        "slm_reply_gain",
+        100.0,
+    ),  # fmt: skip
     ("LLM task accuracy (%), best of raw and calibrated", "llm_acc", 100.0),
     ("LLM held-out perplexity change (%)", "ppl_change_pct", 1.0),
     ("Synthetic label fidelity, judge (%), last update's samples", "fidelity_last", 100.0),
@@ -206,8 +220,10 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
             cells_ = []
             task_means = []
             for t in tasks:
-                mu, sd = mean_std([r.get(key) for r in rows if r["task"] == t and r["method"] == m])
-                cells_.append(_fmt(mu, sd, scale, 1 if scale == 100 else 2))
+                xs = _values(rows, key, t, m)
+                mu, sd = mean_std(xs)
+                n = f" (n={len(xs)})" if 0 < len(xs) < len(seeds) else ""  # fewer seeds than the grid ran
+                cells_.append(_fmt(mu, sd, scale, 1 if scale == 100 else 2) + n)
                 task_means.append(mu)
                 any_value |= not math.isnan(mu)
             overall = _mean(task_means)
@@ -218,6 +234,10 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
             )
         if any_value:
             out += [*lines, ""]
+    paired = paired_section(rows, tasks, methods)
+    if split == "validation" and paired:
+        paired[0] = paired[0].replace("the global test split", "the validation split (eval.split)")
+    out += paired
     out += targets_section(rows, tasks)
     if judges:
         out += ["## The fidelity judge", "", "An SLM trained centrally on the task's training data outside the "
@@ -230,6 +250,50 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
             )
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def _values(rows: list[dict], key: str, task: str, method: str) -> list[float]:
+    xs = [r.get(key) for r in rows if r["task"] == task and r["method"] == method]
+    return [float(x) for x in xs if isinstance(x, int | float) and not math.isnan(x)]
+
+
+def paired_differences(rows: list[dict], key: str, task: str, a: str, b: str) -> list[float]:
+    """a - b seed by seed, over the seeds where both cells finished: a seed fixes the clients' data and
+    their first local round under every method, so the paired difference carries less noise than the
+    difference of two means."""
+    by_seed = {
+        (r["method"], r["seed"]): r.get(key) for r in rows if r["task"] == task and r["method"] in (a, b)
+    }
+    ok = lambda v: isinstance(v, int | float) and not math.isnan(v)  # noqa: E731
+    return [
+        float(va) - float(by_seed[(b, seed)])
+        for (m, seed), va in by_seed.items()
+        if m == a and ok(va) and ok(by_seed.get((b, seed)))
+    ]
+
+
+def paired_section(rows: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[str]:
+    """CrossLM's SLM accuracy minus every other method's, paired by seed: mean ± sd (n seeds)."""
+    others = [m for m in methods if m not in ("crosslm", ZERO_SHOT)]
+    if "crosslm" not in methods or not others:
+        return []
+    lines = ["## CrossLM minus each method, SLM accuracy on the global test split (points, paired by seed)", "",
+             "| CrossLM minus | " + " | ".join(tasks) + " | mean over tasks |",
+             "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
+    for m in others:
+        cells_, means = [], []
+        for t in tasks:
+            d = paired_differences(rows, "slm_acc", t, "crosslm", m)
+            mu, sd = mean_std(d)
+            cells_.append("–" if not d else f"{100 * mu:+.1f} ± {100 * sd:.1f} (n={len(d)})")
+            means.append(mu)
+        overall = _mean(means)
+        lines.append(
+            f"| {m} | "
+            + " | ".join(cells_)
+            + f" | {'–' if math.isnan(overall) else f'{100 * overall:+.1f}'} |"
+        )
+    return [*lines, ""]
 
 
 def _task_mean(rows: list[dict], method: str, key: str, task: str) -> float:
