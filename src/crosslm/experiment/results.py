@@ -15,11 +15,15 @@ from crosslm.io import atomic_write_text, read_jsonl
 
 ZERO_SHOT = "llm-zero-shot"  # a row read from the CrossLM cells' update-0 evaluation, not a run of its own
 COLUMNS = [
-    "task", "method", "seed", "slm_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "slm_reply_gain", "llm_acc", "llm_raw_acc",
-    "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
+    "task", "method", "seed", "slm_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "slm_reply_gain", "llm_acc",
+    "llm_raw_acc", "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
     "fidelity_q_ge_tau", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
     "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds",
 ]  # fmt: skip
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not math.isnan(x)
 
 
 def _mean(xs: list[float]) -> float:
@@ -188,7 +192,7 @@ TABLES = [
         "SLM accuracy gain at a server reply (points on the global test split, mean over replies)",
         "slm_reply_gain",
         100.0,
-    ),  # fmt: skip
+    ),
     ("LLM task accuracy (%), best of raw and calibrated", "llm_acc", 100.0),
     ("LLM held-out perplexity change (%)", "ppl_change_pct", 1.0),
     ("Synthetic label fidelity, judge (%), last update's samples", "fidelity_last", 100.0),
@@ -207,10 +211,11 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
     out = [f"# Experiment '{exp.name}'", "",
            f"Tasks: {', '.join(tasks)}; seeds: {seeds}; each cell is one `crosslm run` with the method's preset "
            f"on `{exp.base_config}` + {exp.overrides or 'no overrides'}. Mean ± standard deviation over seeds.", ""]  # fmt: skip
-    split = "validation" if (exp.overrides or {}).get("eval.split") == "validation" else "test"
+    validation = (exp.overrides or {}).get("eval.split") == "validation"
+    # a tuning run: its "global" numbers are on the validation split
+    where = "the validation split (eval.split)" if validation else "the global test split"
     for title, key, scale in TABLES:
-        if split == "validation":  # a tuning run: its "global" numbers are on the validation split
-            title = title.replace("the global test split", "the validation split (eval.split)")
+        title = title.replace("the global test split", where)
         lines = [f"## {title}", "", "| method | " + " | ".join(tasks) + " | mean over tasks |",
                  "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
         any_value = False
@@ -234,10 +239,7 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
             )
         if any_value:
             out += [*lines, ""]
-    paired = paired_section(rows, tasks, methods)
-    if split == "validation" and paired:
-        paired[0] = paired[0].replace("the global test split", "the validation split (eval.split)")
-    out += paired
+    out += paired_section(rows, tasks, methods, where)
     out += targets_section(rows, tasks)
     if judges:
         out += ["## The fidelity judge", "", "An SLM trained centrally on the task's training data outside the "
@@ -254,7 +256,7 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
 
 def _values(rows: list[dict], key: str, task: str, method: str) -> list[float]:
     xs = [r.get(key) for r in rows if r["task"] == task and r["method"] == method]
-    return [float(x) for x in xs if isinstance(x, int | float) and not math.isnan(x)]
+    return [float(x) for x in xs if _is_number(x)]
 
 
 def paired_differences(rows: list[dict], key: str, task: str, a: str, b: str) -> list[float]:
@@ -264,20 +266,20 @@ def paired_differences(rows: list[dict], key: str, task: str, a: str, b: str) ->
     by_seed = {
         (r["method"], r["seed"]): r.get(key) for r in rows if r["task"] == task and r["method"] in (a, b)
     }
-    ok = lambda v: isinstance(v, int | float) and not math.isnan(v)  # noqa: E731
     return [
         float(va) - float(by_seed[(b, seed)])
         for (m, seed), va in by_seed.items()
-        if m == a and ok(va) and ok(by_seed.get((b, seed)))
+        if m == a and _is_number(va) and _is_number(by_seed.get((b, seed)))
     ]
 
 
-def paired_section(rows: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[str]:
-    """CrossLM's SLM accuracy minus every other method's, paired by seed: mean ± sd (n seeds)."""
+def paired_section(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], where: str) -> list[str]:
+    """CrossLM's SLM accuracy minus every other method's, paired by seed: mean ± sd (n seeds); `where`
+    names the split the numbers are on."""
     others = [m for m in methods if m not in ("crosslm", ZERO_SHOT)]
     if "crosslm" not in methods or not others:
         return []
-    lines = ["## CrossLM minus each method, SLM accuracy on the global test split (points, paired by seed)", "",
+    lines = [f"## CrossLM minus each method, SLM accuracy on {where} (points, paired by seed)", "",
              "| CrossLM minus | " + " | ".join(tasks) + " | mean over tasks |",
              "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
     for m in others:
@@ -297,7 +299,7 @@ def paired_section(rows: list[dict[str, Any]], tasks: list[str], methods: list[s
 
 
 def _task_mean(rows: list[dict], method: str, key: str, task: str) -> float:
-    return mean_std([r.get(key) for r in rows if r["task"] == task and r["method"] == method])[0]
+    return mean_std(_values(rows, key, task, method))[0]
 
 
 def targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
