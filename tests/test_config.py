@@ -40,6 +40,19 @@ def test_type_errors_name_the_key():
         load_config(None, ["federation.updates"])
 
 
+def test_tau_is_a_number_or_auto_resolved_from_the_label_count():
+    assert RunConfig().feedback.tau == "auto"  # the default scales with the task
+    fb = load_config(None, []).feedback
+    assert fb.threshold(2) == pytest.approx(0.6) and fb.threshold(5) == pytest.approx(0.24)
+    assert fb.threshold(6) == pytest.approx(0.2)
+    fixed = load_config(None, ["feedback.tau=0.3"]).feedback
+    assert fixed.tau == 0.3 and fixed.threshold(6) == 0.3  # a number is used as given
+    with pytest.raises(ConfigError, match=r"feedback\.tau.*\[0, 1\] or auto"):
+        load_config(None, ["feedback.tau=high"])
+    with pytest.raises(ConfigError, match=r"feedback\.tau"):
+        load_config(None, ["feedback.tau=1.5"])
+
+
 def test_range_checks():
     with pytest.raises(ConfigError, match=r"feedback\.gamma"):
         load_config(None, ["feedback.gamma=0"])

@@ -9,7 +9,7 @@ import torch
 from crosslm.config import load_config
 from crosslm.errors import ConfigError
 from crosslm.protocol import decode, encode
-from crosslm.server.feedback import ClientModel
+from crosslm.server.feedback import ClientModel, Feedback
 from crosslm.server.generate import GeneratedSample, GenerationStats
 from crosslm.server.server import CrossLMServer, fedavg_group, fedavg_state
 from crosslm.task import LabelledTexts
@@ -92,6 +92,44 @@ def test_kd_without_feedback_never_scores_and_distils_every_sample_on_its_label(
     )
     update = next(e for e in srv.events if e.get("event") == "server_update")
     assert update["splus_size"] == 6 and update["loss"]["total"] == 0.0  # no LLM tuning either
+    assert update["labels_without_candidates"] == []
+
+
+@pytest.mark.parametrize(("rule", "splus"), [("empty", 0), ("skip", 2), ("fill", 4)])
+def test_missing_labels_rule_decides_what_the_server_distils(monkeypatch, rule, splus):
+    """Label 'pos' is never the ensemble's argmax: the configured rule reaches select_good, the event names
+    the label, and the client's reply is distilled on what the rule kept."""
+    srv = _server("crosslm", **{"distill.epochs": 1, "tune.steps": 0, "feedback.tau": 0.5,
+                                "feedback.max_per_label": 2, "feedback.missing_labels": rule})  # fmt: skip
+    srv.receive(encode(_upload(make_classifier("bert", 100))), sender="client-0")
+    samples = [GeneratedSample(f"sample number {i}", i % 2, f"h{i}") for i in range(6)]
+    monkeypatch.setattr(
+        "crosslm.server.server.generate_samples", lambda *a, **k: (samples, GenerationStats(6, 6, 60, 1.0))
+    )
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.55, 0.45]])
+    labels = torch.tensor([s.label for s in samples])
+    fb = Feedback(q=probs[torch.arange(6), labels], ensemble_probs=probs, per_client={"client-0": probs})
+    monkeypatch.setattr("crosslm.server.server.score", lambda *a, **k: fb)
+    seen: dict = {}
+
+    def fake_fit(model, tok, texts, targets, **kw):
+        seen.update(texts=list(texts))
+        return 0.0
+
+    monkeypatch.setattr("crosslm.server.server.fit", fake_fit)
+    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
+    srv.models["client-0"].tokenizer = None
+    srv.step()
+    update = next(e for e in srv.events if e.get("event") == "server_update")
+    assert update["labels_without_candidates"] == ["pos"]
+    assert update["splus_size"] == splus
+    if rule == "fill":  # label 0's two best (q 0.9, 0.8) and label 1's two best (q 0.45, 0.4)
+        assert sorted(seen["texts"]) == sorted(samples[i].text for i in (0, 2, 5, 1))
+        assert update["splus_per_label"] == [2, 2]
+    if rule == "skip":
+        assert sorted(seen["texts"]) == sorted(samples[i].text for i in (0, 2))
+    if rule == "empty":
+        assert "texts" not in seen  # nothing to distil: the SLM goes back unchanged
 
 
 def test_centralized_trains_one_slm_on_the_union_of_the_clients_data(tmp_path, monkeypatch):

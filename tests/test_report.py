@@ -53,6 +53,7 @@ def _events() -> list[dict]:
          "weights": {"client-0": 0.4, "client-1": 0.6}, "staleness": {"client-0": 1, "client-1": 0},
          "generated": 50, "kept": 40, "gen_tokens_per_s": 118.0, "distinct2": 0.75, "mean_q": 0.7,
          "share_q_ge_tau": 0.65, "splus_size": 34, "splus_per_label": [16, 18],
+         "labels_without_candidates": ["pos"],
          "loss": {"total": 0.9, "qg": 0.4, "task": 0.45, "pr": 0.02}, "seconds": 85.0},
         {"event": "llm_eval", "t": 182, "wall": 193.0, "update": 2, "raw_accuracy": 0.60,
          "calibrated_accuracy": 0.70, "raw_macro_f1": 0.55, "calibrated_macro_f1": 0.69, "n": 200},
@@ -122,9 +123,12 @@ def test_full_report_numbers(tmp_path: Path) -> None:
 
     syn = _section(report, "Synthetic data per server update")
     assert "τ=0.5" in syn
+    logged = [{**e, "tau": 0.6} if e["event"] == "server_update" else e for e in _events()]
+    auto = write_report(tmp_path / "auto", logged, {**CONFIG, "feedback": {"tau": "auto"}}).read_text()
+    assert "τ=0.6" in _section(auto, "Synthetic data per server update")  # the threshold the server used
     u2 = _row(syn, "2")
     assert u2[1] == "client-1" and u2[2:6] == ["50", "40", "0.700", "65.0"]
-    assert u2[6] == "34 (16 / 18)" and u2[7] == "0.750"
+    assert u2[6] == "34 (16 / 18); no candidate: pos" and u2[7] == "0.750"
     assert "client-0: 1, client-1: 0" in u2[9] and "client-0: 0.400" in u2[10]
 
     asyn = _section(report, "Asynchrony")

@@ -28,6 +28,10 @@ METHOD_NAMES = (
     "standalone",
     "centralized",
 )
+MISSING_LABEL_RULES = ("empty", "skip", "fill")
+TAU_AUTO_FACTOR = 1.2
+"""feedback.tau: auto = TAU_AUTO_FACTOR / number of labels."""
+"""What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 
 
 def _f(default: Any, help: str) -> Any:
@@ -135,18 +139,28 @@ class FeedbackConfig:
         "Pitfall 1: 'pool' (divide each SLM's probabilities by its mean over the label-balanced synthetic "
         "pool), 'counts' (logit adjustment by the client's declared label counts) or 'none'.",
     )
-    tau: float = _f(0.6, "Quality threshold on q for S+ (and for the hard L_QG variant).")
+    tau: float | str = _f(
+        "auto",
+        "Quality threshold on q for S+ (and for the hard L_QG variant): a number in [0, 1], or auto = "
+        "1.2 / number of labels (1.2x chance: 0.6 for two labels, 0.24 for five, 0.2 for six), the "
+        "value the validation sweeps in docs/results.md chose on each task.",
+    )
     max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
     missing_labels: str = _f(
-        "empty",
-        "When some label has no sample that qualifies for S+: 'empty' (S+ is empty: strict class balance) or "
+        "fill",
+        "When some label has no sample that qualifies for S+: 'empty' (S+ is empty: strict class balance), "
         "'skip' (S+ is balanced over the labels that have one; splus_per_label in metrics.jsonl shows the "
-        "labels left out).",
+        "labels left out) or 'fill' (as skip, then each label left out gets its highest-q samples, so S+ "
+        "keeps every label; chosen on the validation split, docs/results.md).",
     )
     enabled: bool = _f(
         True,
         "False = data-free KD without feedback: no SLM scoring, S+ = every generated sample, hard labels.",
     )
+
+    def threshold(self, num_labels: int) -> float:
+        """tau as a number: 'auto' resolves to 1.2 / num_labels once the task's labels are known."""
+        return min(TAU_AUTO_FACTOR / num_labels, 1.0) if self.tau == "auto" else float(self.tau)
 
 
 @dataclass
@@ -309,9 +323,21 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}.")
         return value
+    if typ == float | str:  # a number or a keyword (feedback.tau: auto)
+        if isinstance(value, str) and not _is_float(value):
+            return value
+        return _coerce(value, float, key)
     if isinstance(typ, types.UnionType):
         return value
     return value
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
@@ -447,8 +473,14 @@ def validate(cfg: RunConfig) -> None:
         need(bool(DEVICE_NAME.fullmatch(str(value))), key, "auto, cpu, cuda or cuda:N")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
     need(0 < fb.gamma <= 1, "feedback.gamma", "a number in (0, 1]")
-    need(0 <= fb.tau <= 1, "feedback.tau", "a number in [0, 1]")
-    need(fb.missing_labels in ("empty", "skip"), "feedback.missing_labels", "empty or skip")
+    need(
+        fb.tau == "auto" or (isinstance(fb.tau, float) and 0 <= fb.tau <= 1),
+        "feedback.tau",
+        "a number in [0, 1] or auto",
+    )
+    need(
+        fb.missing_labels in MISSING_LABEL_RULES, "feedback.missing_labels", " or ".join(MISSING_LABEL_RULES)
+    )
     need(
         fb.prior_correction in ("pool", "counts", "none"), "feedback.prior_correction", "pool, counts or none"
     )

@@ -384,8 +384,14 @@ def _loss(d: Any) -> str:
     return " · ".join(f"{k} {_num(d[k]):.4g}" if _num(d[k]) is not None else f"{k} {NA}" for k in keys)
 
 
+def _tau(run: _Run, config: dict[str, Any]) -> float | None:
+    """The threshold the server used (logged with each update; feedback.tau may be 'auto')."""
+    logged = [t for t in (_num(u.get("tau")) for u in run.updates) if t is not None]
+    return logged[-1] if logged else _num(_get(config, "feedback", "tau"))
+
+
 def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
-    tau = _num(_get(config, "feedback", "tau"))
+    tau = _tau(run, config)
     tau_txt = f"{tau:g}" if tau is not None else NA
     if not run.updates:
         return "No server update happened (no `server_update` events), so no synthetic data was generated."
@@ -395,6 +401,9 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
         splus = _int(u.get("splus_size"))
         if isinstance(per_label, list) and per_label:
             splus += f" ({' / '.join(_int(x) for x in per_label)})"
+        missing = u.get("labels_without_candidates")
+        if isinstance(missing, list) and missing:  # under missing_labels 'fill' these were topped up by q
+            splus += f"; no candidate: {', '.join(map(str, missing))}"
         trig = u.get("trigger_clients")
         rows.append(
             [
@@ -568,7 +577,7 @@ def write_report(run_dir: Path, events: list[dict], config: dict) -> Path:
     config = config if isinstance(config, dict) else {}
     run = _digest(events or [])
     plots = run_dir / "plots"
-    tau = _num(_get(config, "feedback", "tau"))
+    tau = _tau(run, config)
     _plot_slm(run, plots / "slm_global_accuracy.png")
     _plot_llm(run, plots / "llm_accuracy.png")
     _plot_synthetic(run, tau, plots / "synthetic_quality.png")

@@ -156,7 +156,7 @@ def write_results(exp: Any, root: Path) -> Path:
         model, tok, labels, info = judges[(task, seed)]
         judge_info[f"{task}, seed {seed}"] = info
         row = {"task": task, "method": method, "seed": seed,
-               **cell_row(run_dir, (model, tok, labels, cfg.feedback.tau))}  # fmt: skip
+               **cell_row(run_dir, (model, tok, labels, cfg.feedback.threshold(len(labels))))}  # fmt: skip
         rows.append(row)
         if method == "crosslm" and row["llm_zero_shot"] is not None:
             rows.append({"task": task, "method": ZERO_SHOT, "seed": seed, "llm_acc": row["llm_zero_shot"],

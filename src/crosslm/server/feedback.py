@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from crosslm.client.trainer import predict_logits
+from crosslm.config import MISSING_LABEL_RULES
 
 
 @dataclass
@@ -99,6 +100,18 @@ def score(
     return Feedback(q=q, ensemble_probs=ens, per_client=per_client)
 
 
+def candidates(labels: Sequence[int], feedback: Feedback, *, num_labels: int, tau: float) -> list[list[int]]:
+    """Per label, the indices that qualify for S+ (ensemble argmax = intended label and q >= tau), highest
+    q first. An empty list marks a label the SLMs cannot yet recognise in the pool."""
+    y = torch.tensor(list(labels), dtype=torch.long)
+    ok = (feedback.predicted == y) & (feedback.q >= tau)
+    return [_by_q(torch.nonzero(ok & (y == c)).flatten(), feedback.q) for c in range(num_labels)]
+
+
+def _by_q(idx: torch.Tensor, q: torch.Tensor) -> list[int]:
+    return idx[torch.argsort(q[idx], descending=True)].tolist()
+
+
 def select_good(
     labels: Sequence[int],
     feedback: Feedback,
@@ -106,19 +119,23 @@ def select_good(
     num_labels: int,
     tau: float,
     max_per_label: int,
-    skip_missing: bool = False,
+    missing_labels: str = "empty",
 ) -> list[int]:
-    """S+: indices whose ensemble argmax is the intended label and q >= tau, the same count m per label
-    (m = the smallest label's count, capped), highest q first. Empty if some label has no candidate,
-    unless `skip_missing`: then m is the smallest count among the labels that have candidates (with many
-    labels, one the SLMs never predict would otherwise empty S+ at every update)."""
-    y = torch.tensor(list(labels), dtype=torch.long)
-    ok = (feedback.predicted == y) & (feedback.q >= tau)
-    per_label = []
-    for c in range(num_labels):
-        idx = torch.nonzero(ok & (y == c)).flatten()
-        idx = idx[torch.argsort(feedback.q[idx], descending=True)]
-        per_label.append(idx.tolist())
-    counts = [len(p) for p in per_label if p or not skip_missing]
+    """S+: the candidates of every label, the same count m per label (m = the smallest label's count,
+    capped), highest q first.
+
+    When some label has no candidate (weak SLMs never predict it), `missing_labels` decides:
+    - "empty": S+ is empty (strict class balance; the client gets its SLM back unchanged);
+    - "skip": m is the smallest count among the labels that have candidates, the others are left out;
+    - "fill": as "skip", then each label left out gets its m highest-q samples anyway, so S+ stays
+      balanced over every label (the SLMs' best guesses for a label they cannot yet recognise).
+    With no candidate for any label, S+ is empty under every rule."""
+    if missing_labels not in MISSING_LABEL_RULES:
+        raise ValueError(f"missing_labels must be one of {MISSING_LABEL_RULES}, got {missing_labels!r}")
+    per_label = candidates(labels, feedback, num_labels=num_labels, tau=tau)
+    counts = [len(p) for p in per_label if p or missing_labels == "empty"]
     m = min(min(counts, default=0), max_per_label)
+    if missing_labels == "fill":
+        y = torch.tensor(list(labels), dtype=torch.long)
+        per_label = [p or _by_q(torch.nonzero(y == c).flatten(), feedback.q) for c, p in enumerate(per_label)]
     return sorted(i for p in per_label for i in p[:m])

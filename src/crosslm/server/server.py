@@ -33,7 +33,14 @@ from crosslm.protocol import (
     model_config_dict,
 )
 from crosslm.server.decoding import SnapshotCache
-from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
+from crosslm.server.feedback import (
+    ClientModel,
+    Feedback,
+    candidates,
+    score,
+    select_good,
+    staleness_weights,
+)
 from crosslm.server.generate import generate_samples
 from crosslm.server.losses import kd_targets
 from crosslm.server.tune_llm import tune_adapter
@@ -178,6 +185,7 @@ class CrossLMServer:
         # 4. feedback on the whole pool with the current ensemble (it improves as SLMs arrive)
         texts = [e.text for e in self.pool]
         labels = [e.label for e in self.pool]
+        tau = cfg.feedback.threshold(self.task.num_labels)
         if cfg.feedback.enabled:
             fb = score(
                 texts,
@@ -188,17 +196,20 @@ class CrossLMServer:
                 batch_size=cfg.eval.batch_size,
                 max_length=cfg.clients.max_length,
             )
+            qualifying = candidates(labels, fb, num_labels=self.task.num_labels, tau=tau)
+            missing = [c for c, p in enumerate(qualifying) if not p]
             good = select_good(
                 labels,
                 fb,
                 num_labels=self.task.num_labels,
-                tau=cfg.feedback.tau,
+                tau=tau,
                 max_per_label=cfg.feedback.max_per_label,
-                skip_missing=cfg.feedback.missing_labels == "skip",
+                missing_labels=cfg.feedback.missing_labels,
             )
         else:  # data-free KD without feedback: nothing is scored, every sample is used with its label
             fb = Feedback.unscored(len(texts), self.task.num_labels)
             good = list(range(len(texts)))
+            missing = []
         lap("feedback")
         new = range(len(self.pool) - len(samples), len(self.pool))
         for i in new:
@@ -225,7 +236,7 @@ class CrossLMServer:
             [(texts[i], labels[i]) for i in good],
             cfg.tune,
             max_text_tokens=cfg.llm.max_text_tokens,
-            tau=cfg.feedback.tau,
+            tau=tau,
             seed=cfg.seed * 7919 + u,
         )
         lap("tune_llm")
@@ -254,12 +265,12 @@ class CrossLMServer:
                 "gen_dtype": gstats.dtype,
                 "distinct2": distinct_n([s.text for s in samples], 2),
                 "mean_q": float(new_q.mean()) if len(new_q) else float("nan"),
-                "share_q_ge_tau": float((new_q >= cfg.feedback.tau).float().mean())
-                if len(new_q)
-                else float("nan"),
+                "tau": tau,
+                "share_q_ge_tau": float((new_q >= tau).float().mean()) if len(new_q) else float("nan"),
                 "pool_size": len(self.pool),
                 "splus_size": len(good),
                 "splus_per_label": per_label,
+                "labels_without_candidates": [self.task.labels[c] for c in missing],
                 "loss": losses,
                 "seconds": time.perf_counter() - t0,
                 "phase_seconds": phases,
