@@ -110,53 +110,51 @@ def test_select_good_requires_agreeing_argmax_and_threshold():
     assert sorted(select_good(labels, fb, num_labels=2, tau=0.5, max_per_label=10)) == [0, 1]
 
 
-def test_select_good_skips_a_label_without_candidates_only_when_asked():
-    """trec's case: one label the SLMs never predict. Strict balance empties S+; 'skip' balances the rest."""
-    labels = [0, 0, 0, 1, 1, 2]
-    probs = torch.tensor(
-        [
-            [0.9, 0.05, 0.05],
-            [0.8, 0.1, 0.1],
-            [0.7, 0.2, 0.1],
-            [0.1, 0.8, 0.1],
-            [0.2, 0.7, 0.1],
-            [0.5, 0.3, 0.2],
-        ]
+# trec's case: label 2 is never the ensemble's argmax, so it has no S+ candidate.
+UNPREDICTED_LABELS = [0, 0, 0, 1, 1, 2, 2, 2]
+UNPREDICTED_PROBS = torch.tensor(
+    [
+        [0.9, 0.05, 0.05],
+        [0.8, 0.1, 0.1],
+        [0.7, 0.2, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.2, 0.7, 0.1],
+        [0.5, 0.3, 0.2],
+        [0.4, 0.2, 0.4 - 1e-3],
+        [0.6, 0.3, 0.1],
+    ]
+)
+
+
+def _unpredicted(q: torch.Tensor | None = None) -> tuple[list[int], Feedback, dict]:
+    labels, probs = UNPREDICTED_LABELS, UNPREDICTED_PROBS
+    q = probs[torch.arange(len(labels)), torch.tensor(labels)] if q is None else q
+    return (
+        labels,
+        Feedback(q=q, ensemble_probs=probs, per_client={}),
+        {"num_labels": 3, "tau": 0.6, "max_per_label": 10},
     )
-    fb = Feedback(q=probs[torch.arange(6), torch.tensor(labels)], ensemble_probs=probs, per_client={})
-    kw = {"num_labels": 3, "tau": 0.6, "max_per_label": 10}
+
+
+def test_select_good_skips_a_label_without_candidates_only_when_asked():
+    """Strict balance empties S+; 'skip' balances the labels that have candidates."""
+    labels, fb, kw = _unpredicted()
     assert select_good(labels, fb, **kw) == []
     good = select_good(labels, fb, missing_labels="skip", **kw)
     assert sorted(good) == [0, 1, 3, 4]  # two per present label, the highest q first; label 2 left out
-    nothing = Feedback(q=torch.zeros(6), ensemble_probs=probs, per_client={})
+    labels, nothing, kw = _unpredicted(q=torch.zeros(8))
     assert select_good(labels, nothing, missing_labels="skip", **kw) == []
 
 
 def test_select_good_fill_keeps_every_label_with_its_highest_q_samples():
     """'fill': a label no SLM predicts still gets m samples, its highest q first, so S+ stays balanced."""
-    labels = [0, 0, 0, 1, 1, 2, 2, 2]
-    probs = torch.tensor(
-        [
-            [0.9, 0.05, 0.05],
-            [0.8, 0.1, 0.1],
-            [0.7, 0.2, 0.1],
-            [0.1, 0.8, 0.1],
-            [0.2, 0.7, 0.1],
-            [0.5, 0.3, 0.2],  # label 2 is never the argmax: no candidate
-            [0.4, 0.2, 0.4 - 1e-3],
-            [0.6, 0.3, 0.1],
-        ]
-    )
-    fb = Feedback(q=probs[torch.arange(8), torch.tensor(labels)], ensemble_probs=probs, per_client={})
-    kw = {"num_labels": 3, "tau": 0.6, "max_per_label": 10}
-    assert select_good(labels, fb, **kw) == []
-    assert sorted(select_good(labels, fb, missing_labels="skip", **kw)) == [0, 1, 3, 4]
+    labels, fb, kw = _unpredicted()
     good = select_good(labels, fb, missing_labels="fill", **kw)
     assert sorted(good) == [0, 1, 3, 4, 5, 6]  # label 2's two highest q (0.2, 0.399), not 0.1
     assert [labels[i] for i in sorted(good)].count(2) == 2
     capped = select_good(labels, fb, missing_labels="fill", **{**kw, "max_per_label": 1})
     assert sorted(capped) == [0, 3, 6]
-    nothing = Feedback(q=torch.zeros(8), ensemble_probs=probs, per_client={})
+    _, nothing, _ = _unpredicted(q=torch.zeros(8))
     assert select_good(labels, nothing, missing_labels="fill", **kw) == []  # no label qualifies: no m
     with pytest.raises(ValueError, match="missing_labels"):
         select_good(labels, fb, missing_labels="pad", **kw)
