@@ -29,9 +29,9 @@ METHOD_NAMES = (
     "centralized",
 )
 MISSING_LABEL_RULES = ("empty", "skip", "fill")
+"""What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 TAU_AUTO_FACTOR = 1.2
 """feedback.tau: auto = TAU_AUTO_FACTOR / number of labels."""
-"""What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 
 
 def _f(default: Any, help: str) -> Any:
@@ -159,7 +159,7 @@ class FeedbackConfig:
     )
 
     def threshold(self, num_labels: int) -> float:
-        """tau as a number: 'auto' resolves to 1.2 / num_labels once the task's labels are known."""
+        """tau as a number: 'auto' resolves to TAU_AUTO_FACTOR / num_labels once the task's labels are known."""
         return min(TAU_AUTO_FACTOR / num_labels, 1.0) if self.tau == "auto" else float(self.tau)
 
 
