@@ -104,3 +104,28 @@ def test_task_overrides_apply_to_their_task_only(tmp_path):
     assert bbc.generation.samples_per_label == 5 and trec.generation.samples_per_label != 5
     with pytest.raises(ConfigError, match="task_overrides.bbc-news"):
         load_experiment(None, ["tasks=[bbc-news]", "task_overrides={bbc-news: 3}"])
+
+
+def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
+    from crosslm.config import load_config, save_config
+    from crosslm.experiment.runner import config_drift
+
+    for method in ["crosslm", "standalone"]:
+        save_config(
+            load_config(None, [f"method={method}", "feedback.missing_labels=empty"]), tmp_path / "config.yaml"
+        )
+        now = load_config(None, [f"method={method}", "output_dir=elsewhere", "name=other"])  # where, not what
+        # standalone never reads the feedback settings: its cell stays valid
+        assert config_drift(tmp_path, now) == (
+            [("feedback.missing_labels", "empty", "fill")] if method == "crosslm" else []
+        )
+        now = load_config(None, [f"method={method}", "feedback.missing_labels=empty", "clients.epochs=7"])
+        assert config_drift(tmp_path, now) == [("clients.epochs", 5, 7)]
+    exp = SimpleNamespace(name="x", methods=["crosslm"], base_config="b", overrides={})
+    rows = [{"task": "t", "method": "crosslm", "seed": 0, "slm_acc": 0.7}]
+    assert "Cells reused with a different config" not in results_markdown(rows, exp)
+    md = results_markdown(rows, exp, drift={"t__crosslm__seed0": [("clients.epochs", 5, 7)]})
+    assert (
+        "## Cells reused with a different config" in md
+        and "| t__crosslm__seed0 | clients.epochs | 5 | 7 |" in md
+    )

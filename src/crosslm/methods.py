@@ -36,6 +36,14 @@ assert tuple(METHODS) == METHOD_NAMES
 # Methods whose server never touches the LLM: it is not loaded, and their LLM row is the zero-shot one.
 WITHOUT_LLM = frozenset({"fedavg", "standalone", "centralized"})
 
+# Config keys (dotted prefixes) a method's runs never read: a change there leaves its finished experiment
+# cells valid, so the experiment runner's drift check skips them. (standalone's epochs follow
+# distill.epochs through clients.extra_local_epochs, which is checked.)
+UNREAD_KEYS: dict[str, tuple[str, ...]] = {
+    "kd-no-feedback": ("feedback.",),  # nothing is scored or filtered
+    **{m: ("llm.", "generation.", "feedback.", "tune.", "distill.") for m in sorted(WITHOUT_LLM)},
+}
+
 
 def apply_method(cfg: Any) -> Any:
     """Set the keys of `cfg.method` on `cfg` (in place) and return it. A value naming another key

@@ -141,16 +141,19 @@ def _fmt(m: float, s: float, scale: float = 100.0, digits: int = 1) -> str:
 
 def write_results(exp: Any, root: Path) -> Path:
     """Judge, measure and tabulate every finished cell of the experiment under `root`."""
-    from crosslm.experiment.runner import cell_config, cell_done, cell_name, cells
+    from crosslm.experiment.runner import cell_config, cell_done, cell_name, cells, config_drift
 
     rows: list[dict[str, Any]] = []
     judges: dict[tuple[str, int], Any] = {}
     judge_info: dict[str, dict] = {}
+    drift: dict[str, list[tuple[str, Any, Any]]] = {}
     for task, method, seed in cells(exp):
         run_dir = root / "cells" / cell_name(task, method, seed)
         if not cell_done(run_dir):
             continue
         cfg = cell_config(exp, task, method, seed, root / "cells")
+        if diffs := config_drift(run_dir, cfg):
+            drift[run_dir.name] = diffs
         if (task, seed) not in judges:
             judges[(task, seed)] = _judge(cfg, exp)
         model, tok, labels, info = judges[(task, seed)]
@@ -167,7 +170,7 @@ def write_results(exp: Any, root: Path) -> Path:
     for r in rows:
         w.writerow({k: r.get(k, "") for k in COLUMNS})
     atomic_write_text(root / "results.csv", buf.getvalue())
-    atomic_write_text(root / "results.md", results_markdown(rows, exp, judge_info))
+    atomic_write_text(root / "results.md", results_markdown(rows, exp, judge_info, drift))
     plot_curves(root, exp)
     return root
 
@@ -204,7 +207,12 @@ TABLES = [
 ]
 
 
-def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dict] | None = None) -> str:
+def results_markdown(
+    rows: list[dict[str, Any]],
+    exp: Any,
+    judges: dict[str, dict] | None = None,
+    drift: dict[str, list[tuple[str, Any, Any]]] | None = None,
+) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = [m for m in [*exp.methods, ZERO_SHOT] if any(r["method"] == m for r in rows)]
     seeds = sorted({r["seed"] for r in rows})
@@ -250,6 +258,15 @@ def results_markdown(rows: list[dict[str, Any]], exp: Any, judges: dict[str, dic
             out.append(
                 f"| {name} | {info.get('slm')} | {info.get('train_size')} | {info.get('epochs')} | {100 * acc:.1f} % |"
             )
+        out.append("")
+    if drift:
+        out += ["## Cells reused with a different config", "",
+                "These cells finished before a setting changed and were not rerun; the tables above hold their "
+                "saved numbers. Delete a cell's folder and run the experiment again to recompute it.", "",
+                "| cell | key | saved | now |", "| --- | --- | --- | --- |"]  # fmt: skip
+        out += [
+            f"| {cell} | {k} | {old!r} | {new!r} |" for cell, diffs in drift.items() for k, old, new in diffs
+        ]
         out.append("")
     return "\n".join(out) + "\n"
 

@@ -2,7 +2,9 @@
 
 Cells run one after another (this is a 2-core machine) into `<output_dir>/<name>/cells/`; a finished
 cell is never run again, an unfinished one is started over, so an interrupted experiment resumes where
-it stopped. The resolved experiment config is saved beside the results.
+it stopped. A finished cell whose saved config differs from the one the grid would run now is reused
+as it is, with a warning naming the keys (and a section in results.md): delete its folder to rerun it.
+The resolved experiment config is saved beside the results.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from crosslm.config import METHOD_NAMES, _f, load_config, read_yaml
+from crosslm.config import METHOD_NAMES, _f, all_keys, load_config, read_yaml
 from crosslm.errors import ConfigError
 from crosslm.io import atomic_write_text, read_jsonl
 
@@ -110,6 +112,40 @@ def cell_done(run_dir: Path) -> bool:
     return bool(ends) and ends[-1].get("reason") == "completed"
 
 
+# Where a cell is stored, not what it computes: never reported as drift.
+DRIFT_IGNORED_KEYS = frozenset({"output_dir", "name"})
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "(absent)"
+        tree = tree[part]
+    return tree
+
+
+def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every config key on which a finished cell's saved
+    config.yaml differs from `cfg`, the config the grid would run for it now. A default changed or a
+    setting edited since the cell ran shows here; the cell itself is reused unchanged. Keys the cell's
+    method never reads (methods.UNREAD_KEYS) are skipped."""
+    from crosslm.methods import UNREAD_KEYS
+
+    unread = (*DRIFT_IGNORED_KEYS, *UNREAD_KEYS.get(cfg.method, ()))
+    path = run_dir / "config.yaml"
+    saved = read_yaml(path, "cell config") if path.is_file() else {}
+    current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # the same value types as the saved file
+    return [
+        (key, _lookup(saved, key), _lookup(current, key))
+        for key in all_keys(cfg)
+        if not key.startswith(unread) and _lookup(saved, key) != _lookup(current, key)
+    ]
+
+
+def describe_drift(diffs: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
+
+
 def run_experiment(exp: ExperimentConfig) -> Path:
     from tqdm.auto import tqdm
 
@@ -127,6 +163,12 @@ def run_experiment(exp: ExperimentConfig) -> Path:
         cfg = cell_config(exp, task, method, seed, cells_dir)
         run_dir = cells_dir / cell_name(task, method, seed)
         if cell_done(run_dir):
+            diffs = config_drift(run_dir, cfg)
+            if diffs:
+                bar.write(
+                    f"warning: finished cell {run_dir.name} is reused, but its config differs from this "
+                    f"experiment's ({describe_drift(diffs)}); delete {run_dir} to rerun it."
+                )
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished cell starts over; finished ones are kept
