@@ -103,6 +103,21 @@ def test_select_good_is_class_balanced_and_takes_highest_q():
     assert sorted(capped) == [1, 4]
 
 
+def test_select_good_tops_every_label_up_to_the_floor_with_its_next_highest_q():
+    labels = [0, 0, 0, 0, 1, 1, 1]
+    fb = _feedback([(0.9, 0), (0.95, 0), (0.7, 0), (0.65, 0), (0.8, 1), (0.62, 1), (0.3, 0)])
+    kw = {"num_labels": 2, "tau": 0.6, "max_per_label": 10}
+    # m = 2 (label 1's candidates); a floor of 3 adds label 1's best non-candidate (q 0.3) and label 0's
+    # third-highest candidate (0.7), so S+ stays balanced at 3 per label
+    assert sorted(select_good(labels, fb, min_per_label=3, **kw)) == [0, 1, 2, 4, 5, 6]
+    assert sorted(select_good(labels, fb, min_per_label=2, **kw)) == [0, 1, 4, 5]  # m already there
+    assert sorted(select_good(labels, fb, min_per_label=3, **{**kw, "max_per_label": 2})) == [0, 1, 4, 5]
+    nothing = _feedback([(0.1, 1)] * 4 + [(0.1, 0)] * 3)  # no sample qualifies: no floor either
+    assert select_good(labels, nothing, min_per_label=3, missing_labels="fill", **kw) == []
+    with pytest.raises(ConfigError, match=r"feedback\.min_per_label"):
+        load_config(None, ["feedback.min_per_label=-1"])
+
+
 def test_select_good_requires_agreeing_argmax_and_threshold():
     labels = [0, 1]
     fb = _feedback([(0.55, 0), (0.9, 1)])

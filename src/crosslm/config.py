@@ -146,6 +146,11 @@ class FeedbackConfig:
         "value the validation sweeps in docs/results.md chose on each task.",
     )
     max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
+    min_per_label: int = _f(
+        0,
+        "Floor on S+ examples per label: when the balanced count m is smaller (few samples qualify), every "
+        "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off).",
+    )
     missing_labels: str = _f(
         "fill",
         "When some label has no sample that qualifies for S+: 'empty' (S+ is empty: strict class balance), "
@@ -481,6 +486,7 @@ def validate(cfg: RunConfig) -> None:
     need(
         fb.missing_labels in MISSING_LABEL_RULES, "feedback.missing_labels", " or ".join(MISSING_LABEL_RULES)
     )
+    need(fb.min_per_label >= 0, "feedback.min_per_label", "0 or more")
     need(
         fb.prior_correction in ("pool", "counts", "none"), "feedback.prior_correction", "pool, counts or none"
     )

@@ -112,6 +112,12 @@ def _by_q(idx: torch.Tensor, q: torch.Tensor) -> list[int]:
     return idx[torch.argsort(q[idx], descending=True)].tolist()
 
 
+def _top_up(first: list[int], ranked: list[int]) -> list[int]:
+    """`first`, then the indices of `ranked` not in it, in ranked order."""
+    taken = set(first)
+    return first + [i for i in ranked if i not in taken]
+
+
 def select_good(
     labels: Sequence[int],
     feedback: Feedback,
@@ -120,6 +126,7 @@ def select_good(
     tau: float,
     max_per_label: int,
     missing_labels: str = "empty",
+    min_per_label: int = 0,
 ) -> list[int]:
     """S+: the candidates of every label, the same count m per label (m = the smallest label's count,
     capped), highest q first.
@@ -129,13 +136,22 @@ def select_good(
     - "skip": m is the smallest count among the labels that have candidates, the others are left out;
     - "fill": as "skip", then each label left out gets its m highest-q samples anyway, so S+ stays
       balanced over every label (the SLMs' best guesses for a label they cannot yet recognise).
-    With no candidate for any label, S+ is empty under every rule."""
+    With no candidate for any label, S+ is empty under every rule. When S+ is not empty and m is below
+    `min_per_label`, m is raised to it (capped) and every label in S+ is topped up with its next-highest-q
+    samples: a label with one qualifying sample no longer shrinks S+ to one per label."""
     if missing_labels not in MISSING_LABEL_RULES:
         raise ValueError(f"missing_labels must be one of {MISSING_LABEL_RULES}, got {missing_labels!r}")
     per_label = candidates(labels, feedback, num_labels=num_labels, tau=tau)
     counts = [len(p) for p in per_label if p or missing_labels == "empty"]
     m = min(min(counts, default=0), max_per_label)
+    y = torch.tensor(list(labels), dtype=torch.long)
+
+    def ranked(c: int) -> list[int]:  # every sample of label c, highest q first
+        return _by_q(torch.nonzero(y == c).flatten(), feedback.q)
+
     if missing_labels == "fill":
-        y = torch.tensor(list(labels), dtype=torch.long)
-        per_label = [p or _by_q(torch.nonzero(y == c).flatten(), feedback.q) for c, p in enumerate(per_label)]
+        per_label = [p or ranked(c) for c, p in enumerate(per_label)]
+    if 0 < m < min_per_label:
+        m = min(min_per_label, max_per_label)
+        per_label = [_top_up(p, ranked(c)) if p else p for c, p in enumerate(per_label)]
     return sorted(i for p in per_label for i in p[:m])
