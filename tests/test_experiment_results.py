@@ -53,7 +53,7 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     for seed, (c, s, k) in enumerate([(0.70, 0.55, 0.66), (0.72, 0.57, 0.70)]):
         rows += [
             {"task": "t", "method": "crosslm", "seed": seed, "slm_acc": c, "llm_acc": 0.8, "fidelity_last": 0.92,
-             "distinct2_first": 0.8, "distinct2_last": 0.78, "ppl_change_pct": 0.2},
+             "fidelity_q_ge_tau": 0.96, "distinct2_first": 0.8, "distinct2_last": 0.78, "ppl_change_pct": 0.2},
             {"task": "t", "method": "standalone", "seed": seed, "slm_acc": s},
             {"task": "t", "method": "kd-no-feedback", "seed": seed, "slm_acc": k},
             {"task": "t", "method": ZERO_SHOT, "seed": seed, "llm_acc": 0.7},
@@ -68,6 +68,10 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     assert "LLM: CrossLM ≥ best zero-shot + 15 pp | 0.8 | 0.7 | +10.0 | **missed** |" in md
     assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142, rel=1e-3))
     assert "## SLM accuracy on the global test split (%), final" in md
+    assert (
+        "scored q ≥ tau\n\n| method | t | mean over tasks |\n| --- | ---: | ---: |\n| crosslm | 96.0 ± 0.0 |"
+        in md
+    )
     # paired by seed: crosslm - kd is +0.04 then +0.02
     assert "| kd-no-feedback | +3.0 ± 1.4 (n=2) | +3.0 |" in md and "| standalone | +15.0 ± 0.0 (n=2) |" in md
     rows.append({"task": "t", "method": "crosslm-no-qg", "seed": 1, "slm_acc": 0.60})  # one seed of two

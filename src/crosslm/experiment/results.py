@@ -200,6 +200,11 @@ TABLES = [
     ("LLM held-out perplexity change (%)", "ppl_change_pct", 1.0),
     ("Synthetic label fidelity, judge (%), last update's samples", "fidelity_last", 100.0),
     ("Synthetic label fidelity, judge (%), first update's samples", "fidelity_first", 100.0),
+    (
+        "Synthetic label fidelity, judge (%), every update's samples the SLMs scored q ≥ tau",
+        "fidelity_q_ge_tau",
+        100.0,
+    ),
     ("Synthetic distinct-2, last update", "distinct2_last", 1.0),
     ("Upload per client (MiB)", "upload_mib_per_client", 1.0),
     ("Client compute (s, all clients)", "client_seconds", 1.0),
