@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -52,6 +53,9 @@ def test_run_directory_is_complete(tiny_run):
     ev = _events(tiny_run)
     kinds = [e["event"] for e in ev]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end" and not ev[-1]["interrupted"]
+    machine = ev[0]["machine"]  # what the numbers depend on beyond the config
+    assert machine["torch"] == torch.__version__ and machine["cpu_auto_dtype"] in ("bfloat16", "float32")
+    assert "Machine:" in (tiny_run / "report.md").read_text()
     assert kinds.count("server_update") == 2
     assert kinds.count("enhanced") == 2
     assert sorted(e["update"] for e in ev if e["event"] == "llm_eval") == [0, 1, 2]

@@ -25,7 +25,8 @@ def _events() -> list[dict]:
     ]  # fmt: skip
     return [
         {"event": "run_start", "t": 0, "wall": 0.0, "seed": 0, "dataset": "rotten-tomatoes",
-         "labels": ["negative", "positive"], "llm": "smollm2-135m-instruct", "clients": clients},
+         "labels": ["negative", "positive"], "llm": "smollm2-135m-instruct", "clients": clients,
+         "machine": {"torch": "2.13.0+cpu", "cpu": "Xeon", "cpu_threads": 2, "gpu": None, "cpu_auto_dtype": "bfloat16"}},
         {"event": "llm_eval", "t": 0, "wall": 5.0, "update": 0, "raw_accuracy": 0.52,
          "calibrated_accuracy": 0.63, "raw_macro_f1": 0.4, "calibrated_macro_f1": 0.6, "n": 200},
         {"event": "perplexity", "t": 0, "wall": 6.0, "stage": "start", "update": 0, "perplexity": 23.4,
@@ -95,6 +96,7 @@ def test_full_report_numbers(tmp_path: Path) -> None:
     assert path == tmp_path / "report.md"
     report = path.read_text(encoding="utf-8")
     assert "rotten-tomatoes" in report and "smollm2-135m-instruct" in report
+    assert "Machine: Xeon (2 threads), torch 2.13.0+cpu, CPU precision auto = bfloat16." in report
     assert "completed" in report and "interrupted" not in _section(report, "Client SLMs").lower()
     for name in PLOTS:
         assert f"(plots/{name})" in report

@@ -12,6 +12,7 @@ SLM training and distillation (bfloat16 autocast; weights, gradients and the opt
 from __future__ import annotations
 
 import functools
+import platform
 import re
 import time
 from typing import Any
@@ -36,6 +37,27 @@ def bf16_is_faster(hidden: int = 576, rows: int = 48) -> bool:
         return time.perf_counter() - t0
 
     return seconds(torch.bfloat16) * 1.2 < seconds(torch.float32)
+
+
+def machine_info() -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config: torch's version, the CPU, the GPU, and whether
+    `auto` precision picked bfloat16 on this CPU. bfloat16 kernels (and their choice) differ between CPUs,
+    so the same config and seed reproduce a run exactly on the same machine only; run_start records this."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_auto_dtype": "bfloat16" if bf16_is_faster() else "float32",
+    }
 
 
 def resolve_device(name: str, key: str = "device") -> Any:

@@ -26,6 +26,7 @@ from crosslm.evaluation.perplexity import perplexity
 from crosslm.evaluation.report import summary_table, write_report
 from crosslm.io import JsonlWriter, read_jsonl
 from crosslm.partition import FederatedSplit, federated_split
+from crosslm.precision import machine_info
 from crosslm.runtime.inprocess import InProcessRuntime
 from crosslm.seeding import seed_everything
 from crosslm.server.server import CrossLMServer
@@ -197,6 +198,7 @@ def run(cfg: RunConfig) -> Path:
                 "labels": list(task.labels),
                 "llm": cfg.llm.model,
                 "runtime": "inprocess",
+                "machine": machine_info(),
                 "clients": [
                     {
                         "client": c.client_id,
@@ -279,8 +281,9 @@ def run_centralized(cfg: RunConfig) -> Path:
     completed = False
     try:
         log({"event": "run_start", "seed": cfg.seed, "dataset": cfg.data.dataset, "labels": list(task.labels),
-             "runtime": "centralized", "clients": [{"client": "centralized", "slm": slm, "train_size": len(union),
-                                                    "label_counts": union.label_counts(task.num_labels)}]})  # fmt: skip
+             "runtime": "centralized", "machine": machine_info(),
+             "clients": [{"client": "centralized", "slm": slm, "train_size": len(union),
+                          "label_counts": union.label_counts(task.num_labels)}]})  # fmt: skip
         model, tok = load_slm(slm, list(task.labels))
         rounds = cfg.federation.updates // cfg.data.num_clients + 1
         t0 = time.perf_counter()

@@ -239,6 +239,13 @@ def _summary(run: _Run, config: dict[str, Any]) -> str:
         f"{len(run.clients)} client(s): {clients}. Server LLM **{llm}**. "
         f"{run.n_updates} server update(s); wall time {wall}. Status: {_status(run)}."
     )
+    m = rs.get("machine")
+    if isinstance(m, dict):  # the same config and seed reproduce these numbers on such a machine only
+        gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+        text += (
+            f"\n\nMachine: {m.get('cpu', NA)} ({m.get('cpu_threads', NA)} threads{gpu}), torch {m.get('torch', NA)}, "
+            f"CPU precision auto = {m.get('cpu_auto_dtype', NA)}."
+        )
     links = "\n".join(f"- [{title}](plots/{name})" for name, title in PLOTS.items())
     return f"{text}\n\nPlots:\n\n{links}"
 

@@ -28,6 +28,7 @@ from crosslm.catalogue.datasets import load_general_text
 from crosslm.config import RunConfig, save_config
 from crosslm.errors import ConfigError, CrossLMError, ProtocolError
 from crosslm.io import JsonlWriter
+from crosslm.precision import machine_info
 from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_report, unpack_wire
 from crosslm.server.checkpoint import ServerCheckpoint
@@ -411,6 +412,7 @@ def serve(
                     "labels": list(task.labels),
                     "llm": cfg.llm.model,
                     "runtime": "flower",
+                    "machine": machine_info(),
                     "clients": [],
                 }
             )
