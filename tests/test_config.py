@@ -66,6 +66,8 @@ def test_range_checks():
         load_config(None, ["llm.device=gpu"])
     with pytest.raises(ConfigError, match=r"clients\.device"):
         load_config(None, ["clients.device=cuda:x"])
+    with pytest.raises(ConfigError, match=r"clients\.logit_adjust.*0 or more"):
+        load_config(None, ["clients.logit_adjust=-1"])
     assert load_config(None, ["llm.device=cuda:1", "clients.device=cpu"]).llm.device == "cuda:1"
 
 

@@ -9,7 +9,7 @@ import torch
 
 from crosslm.config import load_config
 from crosslm.errors import ConfigError
-from crosslm.server.feedback import ClientModel, Feedback, score, select_good, staleness_weights
+from crosslm.server.feedback import ClientModel, Feedback, candidates, score, select_good, staleness_weights
 
 
 class ConstantClassifier(torch.nn.Module):
@@ -101,6 +101,9 @@ def test_select_good_is_class_balanced_and_takes_highest_q():
     assert set(good) == {0, 1, 4, 5}  # the two highest-q label-0 samples, not 0.7 / 0.65
     capped = select_good(labels, fb, num_labels=2, tau=0.6, max_per_label=1)
     assert sorted(capped) == [1, 4]
+    qualifying = candidates(labels, fb, num_labels=2, tau=0.6)  # what the server already has
+    assert qualifying == [[1, 0, 2, 3], [4, 5]]
+    assert select_good(labels, fb, num_labels=2, tau=0.6, max_per_label=10, qualifying=qualifying) == good
 
 
 def test_select_good_tops_every_label_up_to_the_floor_with_its_next_highest_q():

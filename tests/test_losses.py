@@ -255,3 +255,23 @@ def test_fit_under_bfloat16_autocast_keeps_float32_weights_and_learns(tiny_token
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     preds = predict_logits(model, tiny_tokenizer, texts[:4], max_length=16).argmax(-1).tolist()
     assert preds == [1, 0, 1, 0]  # it fits four training texts
+
+
+def test_logit_adjusted_local_training_pushes_a_label_the_client_does_not_hold_down_less(tiny_tokenizer):
+    """The client's data holds labels 0 and 1 only. Plain cross-entropy drives p(label 2) toward 0 on
+    every text it trains on; with logit adjustment the loss sees log prior(2) << 0, which already does
+    that work, so the model's own (raw) logit for label 2 is pushed down far less."""
+    from crosslm.client.trainer import predict_logits, train_supervised
+    from crosslm.task import LabelledTexts
+    from tests.conftest import make_classifier
+
+    local = LabelledTexts(["good film", "bad film", "great acting", "awful plot"] * 5, [1, 0, 1, 0] * 5)
+    kw = {"epochs": 30, "lr": 5e-3, "batch_size": 8, "max_length": 16, "seed": 0}
+    label2 = {}
+    for t in (0.0, 1.0):
+        model = make_classifier("bert", len(tiny_tokenizer), num_labels=3)
+        train_supervised(model, tiny_tokenizer, local, 3, logit_adjust=t, **kw)
+        logits = predict_logits(model, tiny_tokenizer, local.texts[:4], max_length=16)
+        assert logits[:, :2].argmax(-1).tolist() == [1, 0, 1, 0]  # both learn the local task
+        label2[t] = torch.softmax(logits, -1)[:, 2].mean().item()
+    assert label2[1.0] > 2 * label2[0.0], label2  # 0.072 vs 0.028 when written

@@ -92,6 +92,11 @@ class ClientConfig:
     device: str = _f(
         "auto", "Where clients train and evaluate: auto (CUDA when available), cpu, cuda or cuda:N."
     )
+    logit_adjust: float = _f(
+        0.0,
+        "Logit adjustment t of local training: the loss sees logits + t * log(label prior of the client's "
+        "data), so a label-skewed client is not pulled toward its majority labels (0 = plain cross-entropy).",
+    )
     extra_local_epochs: int = _f(
         0,
         "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
@@ -501,6 +506,7 @@ def validate(cfg: RunConfig) -> None:
         "crosslm, fedavg or none",
     )
     need(c.extra_local_epochs >= 0, "clients.extra_local_epochs", "0 or more")
+    need(c.logit_adjust >= 0, "clients.logit_adjust", "0 or more (0 = plain cross-entropy)")
     need(t.qg_weight >= 0, "tune.qg_weight", "a non-negative weight")
     need(
         fb.enabled or (t.steps == 0 and ds.mu == 0),

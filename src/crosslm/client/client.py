@@ -81,6 +81,7 @@ class Client:
             max_length=self.cfg.max_length,
             seed=seed,
             autocast=self.cfg.autocast,
+            logit_adjust=self.cfg.logit_adjust,
             desc=desc,
         )
 

@@ -24,6 +24,12 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
+def log_prior(label_counts: Sequence[int]) -> torch.Tensor:
+    """log of the Laplace-smoothed label distribution of a client's training data."""
+    c = torch.tensor(label_counts, dtype=torch.float) + 1.0
+    return torch.log(c / c.sum())
+
+
 def _batches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return [order[i : i + size] for i in range(0, n, size)]
@@ -43,15 +49,18 @@ def fit(
     desc: str = "train",
     weight_decay: float = 0.01,
     autocast: str = "float32",
+    logit_offset: torch.Tensor | None = None,
 ) -> float:
     """Train `model` in place on (texts, target distributions). Returns the mean loss of the last epoch.
 
     `autocast` bfloat16 (or auto, where bfloat16 runs faster here) runs the forward passes under torch
     autocast; weights, gradients and AdamW stay float32 (mixed precision). Shuffling and dropout draw
-    only from `seed`, so the result does not depend on what ran before in the process."""
+    only from `seed`, so the result does not depend on what ran before in the process. `logit_offset` [C]
+    is added to the logits inside the loss only (training), never at inference (logit adjustment)."""
     if len(texts) == 0:
         return float("nan")
     device = precision.model_device(model)
+    offset = logit_offset.to(device) if logit_offset is not None else None
     with own_rng(seed, device):
         amp = precision.autocast(autocast, device)
         gen = torch.Generator().manual_seed(seed)
@@ -73,7 +82,8 @@ def fit(
                     ).to(device)
                     with amp:
                         logits = model(**enc).logits
-                    loss = soft_cross_entropy(logits.float(), targets[idx].to(device))
+                    logits = logits.float() if offset is None else logits.float() + offset
+                    loss = soft_cross_entropy(logits, targets[idx].to(device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -88,10 +98,15 @@ def fit(
 
 
 def train_supervised(
-    model: Any, tokenizer: Any, data: LabelledTexts, num_labels: int, **kwargs: Any
+    model: Any, tokenizer: Any, data: LabelledTexts, num_labels: int, logit_adjust: float = 0.0, **kwargs: Any
 ) -> float:
+    """Cross-entropy on one-hot labels. With `logit_adjust` t > 0 the loss sees logits + t * log prior
+    (the label distribution of `data`): a label-skewed silo then learns a classifier that is not biased
+    toward its majority labels, and a label it barely holds is not pushed down, so what a server reply
+    taught the model about it survives the next local round (logit adjustment, Menon et al. 2021)."""
     targets = torch.nn.functional.one_hot(torch.tensor(data.labels), num_labels).float()
-    return fit(model, tokenizer, data.texts, targets, **kwargs)
+    offset = logit_adjust * log_prior(data.label_counts(num_labels)) if logit_adjust > 0 else None
+    return fit(model, tokenizer, data.texts, targets, logit_offset=offset, **kwargs)
 
 
 @torch.no_grad()

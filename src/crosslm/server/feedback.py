@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from crosslm.client.trainer import predict_logits
+from crosslm.client.trainer import log_prior, predict_logits
 from crosslm.config import MISSING_LABEL_RULES
 
 
@@ -42,12 +42,6 @@ def staleness_weights(models: Sequence[ClientModel], current_update: int, gamma:
     raw = {m.client_id: m.num_examples * gamma ** max(current_update - m.base_version, 0) for m in models}
     total = sum(raw.values())
     return {k: v / total for k, v in raw.items()}
-
-
-def log_prior(label_counts: Sequence[int]) -> torch.Tensor:
-    """log of the Laplace-smoothed label distribution of a client's training data."""
-    c = torch.tensor(label_counts, dtype=torch.float) + 1.0
-    return torch.log(c / c.sum())
 
 
 @dataclass
@@ -127,6 +121,7 @@ def select_good(
     max_per_label: int,
     missing_labels: str = "empty",
     min_per_label: int = 0,
+    qualifying: list[list[int]] | None = None,
 ) -> list[int]:
     """S+: the candidates of every label, the same count m per label (m = the smallest label's count,
     capped), highest q first.
@@ -138,10 +133,13 @@ def select_good(
       balanced over every label (the SLMs' best guesses for a label they cannot yet recognise).
     With no candidate for any label, S+ is empty under every rule. When S+ is not empty and m is below
     `min_per_label`, m is raised to it (capped) and every label in S+ is topped up with its next-highest-q
-    samples: a label with one qualifying sample no longer shrinks S+ to one per label."""
+    samples: a label with one qualifying sample no longer shrinks S+ to one per label. `qualifying` is
+    `candidates(...)` for the same arguments, when the caller has already computed it."""
     if missing_labels not in MISSING_LABEL_RULES:
         raise ValueError(f"missing_labels must be one of {MISSING_LABEL_RULES}, got {missing_labels!r}")
-    per_label = candidates(labels, feedback, num_labels=num_labels, tau=tau)
+    per_label = (
+        qualifying if qualifying is not None else candidates(labels, feedback, num_labels=num_labels, tau=tau)
+    )
     counts = [len(p) for p in per_label if p or missing_labels == "empty"]
     m = min(min(counts, default=0), max_per_label)
     y = torch.tensor(list(labels), dtype=torch.long)

@@ -206,6 +206,7 @@ class CrossLMServer:
                 max_per_label=cfg.feedback.max_per_label,
                 missing_labels=cfg.feedback.missing_labels,
                 min_per_label=cfg.feedback.min_per_label,
+                qualifying=qualifying,
             )
         else:  # data-free KD without feedback: nothing is scored, every sample is used with its label
             fb = Feedback.unscored(len(texts), self.task.num_labels)
