@@ -43,6 +43,7 @@ UNREAD_KEYS: dict[str, tuple[str, ...]] = {
     "kd-no-feedback": ("feedback.",),  # nothing is scored or filtered
     **{m: ("llm.", "generation.", "feedback.", "tune.", "distill.") for m in sorted(WITHOUT_LLM)},
 }
+UNREAD_KEYS["centralized"] += ("clients.logit_adjust",)  # one SLM on the union: plain cross-entropy
 
 
 def apply_method(cfg: Any) -> Any:
