@@ -39,11 +39,12 @@ WITHOUT_LLM = frozenset({"fedavg", "standalone", "centralized"})
 # Config keys (dotted prefixes) a method's runs never read: a change there leaves its finished experiment
 # cells valid, so the experiment runner's drift check skips them. (standalone's epochs follow
 # distill.epochs through clients.extra_local_epochs, which is checked.)
+_SERVER_LLM_KEYS = ("llm.", "generation.", "feedback.", "tune.", "distill.")
 UNREAD_KEYS: dict[str, tuple[str, ...]] = {
     "kd-no-feedback": ("feedback.",),  # nothing is scored or filtered
-    **{m: ("llm.", "generation.", "feedback.", "tune.", "distill.") for m in sorted(WITHOUT_LLM)},
+    **{m: _SERVER_LLM_KEYS for m in sorted(WITHOUT_LLM)},
+    "centralized": (*_SERVER_LLM_KEYS, "clients.logit_adjust"),  # one SLM on the union: plain cross-entropy
 }
-UNREAD_KEYS["centralized"] += ("clients.logit_adjust",)  # one SLM on the union: plain cross-entropy
 
 
 def apply_method(cfg: Any) -> Any:
