@@ -132,6 +132,12 @@ def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
             config_drift(tmp_path, load_config(None, [f"method={method}", "clients.logit_adjust=1.0"]))
             == drift
         )
+    # the generation prompt only reaches the LLM: a method without one ignores it, kd-no-feedback does not
+    prompt = "Write about {description}."
+    for method, drift in [("standalone", []), ("kd-no-feedback", [("data.generation_prompt", "", prompt)])]:
+        save_config(load_config(None, [f"method={method}"]), tmp_path / "config.yaml")
+        now = load_config(None, [f"method={method}", f"data.generation_prompt={prompt}"])
+        assert config_drift(tmp_path, now) == drift
     exp = SimpleNamespace(name="x", methods=["crosslm"], base_config="b", overrides={})
     rows = [{"task": "t", "method": "crosslm", "seed": 0, "slm_acc": 0.7}]
     assert "Cells reused with a different config" not in results_markdown(rows, exp)
