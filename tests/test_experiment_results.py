@@ -125,19 +125,17 @@ def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
         )
         now = load_config(None, [f"method={method}", "feedback.missing_labels=empty", "clients.epochs=7"])
         assert config_drift(tmp_path, now) == [("clients.epochs", 5, 7)]
-    # logit adjustment is a client setting: standalone's clients read it, centralized's one SLM does not
-    for method, drift in [("standalone", [("clients.logit_adjust", 0.0, 1.0)]), ("centralized", [])]:
-        save_config(load_config(None, [f"method={method}"]), tmp_path / "config.yaml")
-        assert (
-            config_drift(tmp_path, load_config(None, [f"method={method}", "clients.logit_adjust=1.0"]))
-            == drift
-        )
-    # the generation prompt only reaches the LLM: a method without one ignores it, kd-no-feedback does not
     prompt = "Write about {description}."
-    for method, drift in [("standalone", []), ("kd-no-feedback", [("data.generation_prompt", "", prompt)])]:
+    for method, override, drift in [
+        # logit adjustment is a client setting: standalone's clients read it, centralized's one SLM does not
+        ("standalone", "clients.logit_adjust=1.0", [("clients.logit_adjust", 0.0, 1.0)]),
+        ("centralized", "clients.logit_adjust=1.0", []),
+        # the generation prompt only reaches the LLM: a method without one ignores it, kd-no-feedback does not
+        ("standalone", f"data.generation_prompt={prompt}", []),
+        ("kd-no-feedback", f"data.generation_prompt={prompt}", [("data.generation_prompt", "", prompt)]),
+    ]:
         save_config(load_config(None, [f"method={method}"]), tmp_path / "config.yaml")
-        now = load_config(None, [f"method={method}", f"data.generation_prompt={prompt}"])
-        assert config_drift(tmp_path, now) == drift
+        assert config_drift(tmp_path, load_config(None, [f"method={method}", override])) == drift
     exp = SimpleNamespace(name="x", methods=["crosslm"], base_config="b", overrides={})
     rows = [{"task": "t", "method": "crosslm", "seed": 0, "slm_acc": 0.7}]
     assert "Cells reused with a different config" not in results_markdown(rows, exp)

@@ -38,10 +38,17 @@ WITHOUT_LLM = frozenset({"fedavg", "standalone", "centralized"})
 
 # Config keys (dotted prefixes) a method's runs never read: a change there leaves its finished experiment
 # cells valid, so the experiment runner's drift check skips them. (standalone's epochs follow
-# distill.epochs through clients.extra_local_epochs, which is checked.)
-# data.generation_prompt and data.label_descriptions only shape the LLM's generation prompts.
-_SERVER_LLM_KEYS = ("llm.", "generation.", "feedback.", "tune.", "distill.", "data.generation_prompt",
-                    "data.label_descriptions")  # fmt: skip
+# distill.epochs through clients.extra_local_epochs, which is checked. data.generation_prompt and
+# data.label_descriptions only shape the LLM's generation prompts.)
+_SERVER_LLM_KEYS = (
+    "llm.",
+    "generation.",
+    "feedback.",
+    "tune.",
+    "distill.",
+    "data.generation_prompt",
+    "data.label_descriptions",
+)
 UNREAD_KEYS: dict[str, tuple[str, ...]] = {
     "kd-no-feedback": ("feedback.",),  # nothing is scored or filtered
     **{m: _SERVER_LLM_KEYS for m in sorted(WITHOUT_LLM)},
