@@ -110,6 +110,25 @@ def test_task_overrides_apply_to_their_task_only(tmp_path):
         load_experiment(None, ["tasks=[bbc-news]", "task_overrides={bbc-news: 3}"])
 
 
+def test_one_task_override_can_be_set_from_the_command_line(tmp_path):
+    """--set task_overrides.TASK.KEY=V adds one key and keeps the file's other keys for that task."""
+    from crosslm.experiment.runner import cell_config
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("tasks: [trec, bbc-news]\nseeds: [0]\nmethods: [crosslm]\n"
+                    "task_overrides:\n  trec:\n    feedback.tau: 0.2\n")  # fmt: skip
+    exp = load_experiment(str(path), ["task_overrides.trec.feedback.min_per_label=7",
+                                      "task_overrides.data/my.v2.tsv.generation.samples_per_label=5"])  # fmt: skip
+    assert exp.task_overrides["trec"] == {"feedback.tau": 0.2, "feedback.min_per_label": 7}
+    assert exp.task_overrides["data/my.v2.tsv"] == {"generation.samples_per_label": 5}
+    trec = cell_config(exp, "trec", "crosslm", 0, tmp_path)
+    bbc = cell_config(exp, "bbc-news", "crosslm", 0, tmp_path)
+    assert trec.feedback.min_per_label == 7 and trec.feedback.tau == 0.2
+    assert bbc.feedback.min_per_label != 7
+    with pytest.raises(ConfigError, match="TASK.SECTION.KEY"):
+        load_experiment(str(path), ["task_overrides.trec.feedback.min_per_labl=7"])
+
+
 def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
     from crosslm.config import load_config, save_config
     from crosslm.experiment.runner import config_drift

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp = sub.add_parser("experiment", help="run a grid of methods x tasks x seeds and tabulate it")
     p_exp.add_argument("config", nargs="?", help="experiment YAML (see configs/experiments/)")
     p_exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override an experiment key, e.g. --set seeds=[0] or --set overrides.federation.updates=2")  # fmt: skip
+                       help="override an experiment key, e.g. --set seeds=[0], --set overrides.federation.updates=2 "
+                            "or --set task_overrides.trec.feedback.tau=0.3")  # fmt: skip
     p_exp.add_argument("--results-only", action="store_true", help="rebuild results from finished cells")
     sub.add_parser("models", help="list the offline model catalogue")
     sub.add_parser("datasets", help="list the offline dataset catalogue")

@@ -154,7 +154,8 @@ class FeedbackConfig:
     min_per_label: int = _f(
         0,
         "Floor on S+ examples per label: when the balanced count m is smaller (few samples qualify), every "
-        "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off).",
+        "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off; "
+        "configs/default.yaml sets 24, one update's samples per label, chosen on validation).",
     )
     missing_labels: str = _f(
         "fill",

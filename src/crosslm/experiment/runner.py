@@ -53,6 +53,11 @@ def load_experiment(path: str | None, overrides: list[str]) -> ExperimentConfig:
         k, v = o.split("=", 1)
         if k.startswith("overrides."):
             data.setdefault("overrides", {})[k[len("overrides.") :]] = yaml.safe_load(v)
+        elif k.startswith("task_overrides."):
+            task, key = _split_task_key(k[len("task_overrides.") :])
+            _task_mapping(task, data.setdefault("task_overrides", {}).setdefault(task, {}))[key] = (
+                yaml.safe_load(v)
+            )
         else:
             data[k] = yaml.safe_load(v)
     names = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
@@ -77,6 +82,20 @@ def load_experiment(path: str | None, overrides: list[str]) -> ExperimentConfig:
     return exp
 
 
+def _split_task_key(rest: str) -> tuple[str, str]:
+    """'trec.feedback.tau' -> ('trec', 'feedback.tau'): the config key is the longest known key that ends
+    `rest`, so a task given as a file path with dots ('data/my.tsv.feedback.tau') still splits right."""
+    parts = rest.split(".")
+    known = set(all_keys())
+    for i in range(1, len(parts)):
+        if ".".join(parts[i:]) in known:
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    raise ConfigError(
+        f"--set task_overrides.{rest}: expected task_overrides.TASK.SECTION.KEY with a config key "
+        "(`crosslm run --help-config` lists them), e.g. task_overrides.trec.feedback.tau=0.2."
+    )
+
+
 def cells(exp: ExperimentConfig) -> list[tuple[str, str, int]]:
     """(task, method, seed) in run order: for each task and seed, CrossLM first (the other methods'
     rows are read against it), then the rest."""
@@ -84,16 +103,20 @@ def cells(exp: ExperimentConfig) -> list[tuple[str, str, int]]:
     return [(t, m, int(s)) for t in exp.tasks for s in exp.seeds for m in order]
 
 
+def _task_mapping(task: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"experiment key 'task_overrides.{task}' must be a mapping of config keys to values."
+        )
+    return value
+
+
 def cell_name(task: str, method: str, seed: int) -> str:
     return f"{Path(task).stem}__{method}__seed{seed}"
 
 
 def cell_config(exp: ExperimentConfig, task: str, method: str, seed: int, cells_dir: Path):
-    per_task = exp.task_overrides.get(task) or {}
-    if not isinstance(per_task, dict):
-        raise ConfigError(
-            f"experiment key 'task_overrides.{task}' must be a mapping of config keys to values."
-        )
+    per_task = _task_mapping(task, exp.task_overrides.get(task) or {})
     sets = [f"{k}={_yaml(v)}" for k, v in {**exp.overrides, **per_task}.items()]
     sets += [f"data.dataset={task}", f"seed={seed}", f"method={method}", f"output_dir={cells_dir}",
              f"name={cell_name(task, method, seed)}"]  # fmt: skip
