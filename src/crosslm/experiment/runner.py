@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from crosslm.config import METHOD_NAMES, _f, all_keys, load_config, read_yaml
+from crosslm.config import METHOD_NAMES, _f, _unknown_key, all_keys, load_config, read_yaml
 from crosslm.errors import ConfigError
 from crosslm.io import atomic_write_text, read_jsonl
 
@@ -86,13 +86,13 @@ def _split_task_key(rest: str) -> tuple[str, str]:
     """'trec.feedback.tau' -> ('trec', 'feedback.tau'): the config key is the longest known key that ends
     `rest`, so a task given as a file path with dots ('data/my.tsv.feedback.tau') still splits right."""
     parts = rest.split(".")
-    known = set(all_keys())
+    known = all_keys()
     for i in range(1, len(parts)):
         if ".".join(parts[i:]) in known:
             return ".".join(parts[:i]), ".".join(parts[i:])
+    guess = _unknown_key(".".join(parts[1:]), known, f"--set task_overrides.{rest}")  # task = first part
     raise ConfigError(
-        f"--set task_overrides.{rest}: expected task_overrides.TASK.SECTION.KEY with a config key "
-        "(`crosslm run --help-config` lists them), e.g. task_overrides.trec.feedback.tau=0.2."
+        f"expected task_overrides.TASK.SECTION.KEY (e.g. task_overrides.trec.feedback.tau=0.2): {guess}"
     )
 
 
