@@ -87,3 +87,27 @@ def test_shipped_configs_load():
     for p in root.glob("*.yaml"):
         load_config(p)
     assert "tune.alpha" in all_keys()
+
+
+def test_the_precision_probe_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    """The probe asks about kernels, so it times one thread; the run's thread count must survive it."""
+    import torch
+
+    from crosslm.precision import bf16_is_faster
+
+    before = torch.get_num_threads()
+    seen = []
+    real = torch.nn.functional.linear
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    bf16_is_faster.cache_clear()
+    try:
+        assert isinstance(bf16_is_faster(), bool)
+    finally:
+        bf16_is_faster.cache_clear()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before

@@ -36,6 +36,20 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
         {"event": "run_end", "reason": "completed", "wall": 99.0},
     ])  # fmt: skip
     r = cell_row(tmp_path)
+    assert r["machine"] == ""  # a log without run_start names no machine
+    machine = {
+        "torch": "2.13.0+cpu",
+        "cpu": "Xeon",
+        "cpu_threads": 2,
+        "gpu": None,
+        "cpu_auto_dtype": "float32",
+    }
+    events = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"event": "run_start", "machine": machine}) + "\n" + events
+    )
+    r = cell_row(tmp_path)
+    assert r["machine"] == "Xeon (2 threads), torch 2.13.0+cpu, CPU precision auto = float32"
     assert r["slm_acc"] == pytest.approx(0.7) and r["slm_start_acc"] == pytest.approx(0.6)
     assert r["slm_reply_gain"] == pytest.approx(0.25)  # 0.5 -> 0.75 at the one reply
     assert r["slm_f1"] == pytest.approx(0.6) and r["slm_local_acc"] == pytest.approx(0.8)
@@ -163,3 +177,48 @@ def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
         "## Cells reused with a different config" in md
         and "| t__crosslm__seed0 | clients.epochs | 5 | 7 |" in md
     )
+
+
+def test_auto_precision_is_compared_by_the_dtype_it_resolved_to(tmp_path, monkeypatch):
+    """A cell whose `auto` ran in float32 is not the cell an `auto` that now means bfloat16 would run."""
+    import json
+
+    import crosslm.precision
+    from crosslm.config import PRECISION_KEYS, load_config, save_config
+    from crosslm.experiment.runner import config_drift
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    save_config(load_config(None, []), tmp_path / "config.yaml")  # every precision key: auto
+
+    def ran_in(dtype: str | None, gpu: str | None = None) -> None:
+        machine = {"gpu": gpu} | ({"cpu_auto_dtype": dtype} if dtype else {})
+        (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "run_start", "machine": machine}) + "\n")
+
+    pinned = load_config(None, [f"{key}=bfloat16" for key in PRECISION_KEYS])
+    for probe_says_bf16 in (True, False):
+        monkeypatch.setattr(crosslm.precision, "bf16_is_faster", lambda says=probe_says_bf16: says)
+        ran_in("bfloat16")
+        assert sorted(config_drift(tmp_path, pinned)) == []
+        same_now = [] if probe_says_bf16 else [(k, "bfloat16", "float32") for k in sorted(PRECISION_KEYS)]
+        assert sorted(config_drift(tmp_path, load_config(None, []))) == same_now
+        ran_in("float32")
+        assert sorted(config_drift(tmp_path, pinned)) == [
+            (k, "float32", "bfloat16") for k in sorted(PRECISION_KEYS)
+        ]
+    ran_in(None)  # a cell from before the record, or one that ran on a GPU: compared as written
+    assert sorted(config_drift(tmp_path, load_config(None, []))) == []
+    assert sorted(config_drift(tmp_path, pinned)) == [(k, "auto", "bfloat16") for k in sorted(PRECISION_KEYS)]
+    ran_in("float32", gpu="NVIDIA H100")
+    assert sorted(config_drift(tmp_path, pinned)) == [(k, "auto", "bfloat16") for k in sorted(PRECISION_KEYS)]
+
+
+def test_results_name_the_machines_and_flag_a_grid_from_several():
+    exp = SimpleNamespace(name="x", methods=["crosslm", "standalone"], base_config="b", overrides={})
+    bf16, fp32 = "Xeon (2 threads), torch 2.13, CPU precision auto = bfloat16", "Xeon ... = float32"
+    rows = [{"task": "t", "method": m, "seed": 0, "slm_acc": 0.7, "machine": bf16} for m in exp.methods]
+    md = results_markdown(rows, exp)
+    assert f"All 2 cells: {bf16}." in md and "different machines" not in md
+    rows[0]["machine"] = fp32
+    md = results_markdown(rows, exp)
+    assert "**The cells ran on 2 different machines or precisions**" in md
+    assert f"| {fp32} | t / crosslm / seed 0 |" in md and f"| {bf16} | t / standalone / seed 0 |" in md

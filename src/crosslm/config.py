@@ -32,6 +32,15 @@ MISSING_LABEL_RULES = ("empty", "skip", "fill")
 """What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 TAU_AUTO_FACTOR = 1.2
 """feedback.tau: auto = TAU_AUTO_FACTOR / number of labels."""
+PRECISION_KEYS = (
+    "generation.dtype",
+    "eval.llm_dtype",
+    "tune.autocast",
+    "clients.autocast",
+    "distill.autocast",
+)
+"""The keys naming a compute dtype (COMPUTE_DTYPES). Their `auto` resolves per machine, so a finished
+cell's `auto` is compared by what it resolved to (crosslm.experiment.runner.config_drift)."""
 
 
 def _f(default: Any, help: str) -> Any:
@@ -155,7 +164,8 @@ class FeedbackConfig:
         0,
         "Floor on S+ examples per label: when the balanced count m is smaller (few samples qualify), every "
         "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off; "
-        "configs/default.yaml sets 24, one update's samples per label, chosen on validation).",
+        "24, one update's samples per label, for the experiment configs' bbc-news and trec; off for two-label "
+        "rotten-tomatoes, where it fills S+ with texts the SLMs read as the other label; chosen on validation).",
     )
     missing_labels: str = _f(
         "fill",
@@ -476,10 +486,8 @@ def validate(cfg: RunConfig) -> None:
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
     need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
-    for key, value in (("generation.dtype", g.dtype), ("eval.llm_dtype", cfg.eval.llm_dtype),
-                       ("tune.autocast", t.autocast), ("clients.autocast", c.autocast),
-                       ("distill.autocast", ds.autocast)):  # fmt: skip
-        need(value in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
+    for key in PRECISION_KEYS:
+        need(_get(cfg, key) in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
     for key, value in (("llm.device", cfg.llm.device), ("clients.device", c.device)):
         need(bool(DEVICE_NAME.fullmatch(str(value))), key, "auto, cpu, cuda or cuda:N")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")

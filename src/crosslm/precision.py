@@ -22,21 +22,43 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @functools.lru_cache(maxsize=1)
-def bf16_is_faster(hidden: int = 576, rows: int = 48) -> bool:
-    """Probe (~50 ms): does a decode-shaped matmul run faster in bfloat16 than float32 on this machine?"""
+def bf16_is_faster(hidden: int = 576, rows: int = 48, rounds: int = 5) -> bool:
+    """Probe (~0.1 s): does a decode-shaped matmul run faster in bfloat16 than float32 on this machine?
+
+    The question is one of kernels (does this CPU have fast bfloat16 instructions), so the probe runs on
+    one thread and times the dtypes in alternating rounds, keeping each one's fastest. Timed on every
+    thread, a second busy process turns the probe into a measure of thread-barrier waits: that once
+    flipped a whole experiment to float32 on a CPU where bfloat16 is 3x faster."""
     import torch
 
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a probe must not shift a run's draws
+    operands = {
+        dtype: (
+            torch.randn(rows, hidden, generator=g).to(dtype),
+            torch.randn(4 * hidden, hidden, generator=g).to(dtype),
+        )
+        for dtype in (torch.bfloat16, torch.float32)
+    }
+
     def seconds(dtype: torch.dtype) -> float:
-        g = torch.Generator().manual_seed(0)  # not the global RNG: a probe must not shift a run's draws
-        x = torch.randn(rows, hidden, dtype=dtype, generator=g)
-        w = torch.randn(4 * hidden, hidden, dtype=dtype, generator=g)
-        torch.nn.functional.linear(x, w)
+        x, w = operands[dtype]
         t0 = time.perf_counter()
-        for _ in range(20):
+        for _ in range(10):
             torch.nn.functional.linear(x, w)
         return time.perf_counter() - t0
 
-    return seconds(torch.bfloat16) * 1.2 < seconds(torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in operands:  # warm-up: the first call of a kernel pays for its setup
+            seconds(dtype)
+        best = {dtype: float("inf") for dtype in operands}
+        for _ in range(rounds):
+            for dtype in operands:
+                best[dtype] = min(best[dtype], seconds(dtype))
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.bfloat16] * 1.2 < best[torch.float32]
 
 
 def machine_info() -> dict[str, Any]:
@@ -58,6 +80,16 @@ def machine_info() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_auto_dtype": "bfloat16" if bf16_is_faster() else "float32",
     }
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """One line naming a `machine_info()` record, for reports: the same config and seed reproduce a run's
+    numbers on such a machine only."""
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (
+        f"{m.get('cpu', 'n/a')} ({m.get('cpu_threads', 'n/a')} threads{gpu}), torch {m.get('torch', 'n/a')}, "
+        f"CPU precision auto = {m.get('cpu_auto_dtype', 'n/a')}"
+    )
 
 
 def resolve_device(name: str, key: str = "device") -> Any:

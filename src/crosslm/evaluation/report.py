@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crosslm.io import atomic_write_bytes, atomic_write_text
+from crosslm.precision import describe_machine
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -240,12 +241,8 @@ def _summary(run: _Run, config: dict[str, Any]) -> str:
         f"{run.n_updates} server update(s); wall time {wall}. Status: {_status(run)}."
     )
     m = rs.get("machine")
-    if isinstance(m, dict):  # the same config and seed reproduce these numbers on such a machine only
-        gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
-        text += (
-            f"\n\nMachine: {m.get('cpu', NA)} ({m.get('cpu_threads', NA)} threads{gpu}), torch {m.get('torch', NA)}, "
-            f"CPU precision auto = {m.get('cpu_auto_dtype', NA)}."
-        )
+    if isinstance(m, dict):
+        text += f"\n\nMachine: {describe_machine(m)}."
     links = "\n".join(f"- [{title}](plots/{name})" for name, title in PLOTS.items())
     return f"{text}\n\nPlots:\n\n{links}"
 

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from crosslm.io import atomic_write_text, read_jsonl
+from crosslm.precision import describe_machine
 
 ZERO_SHOT = "llm-zero-shot"  # a row read from the CrossLM cells' update-0 evaluation, not a run of its own
 COLUMNS = [
     "task", "method", "seed", "slm_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "slm_reply_gain", "llm_acc",
     "llm_raw_acc", "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
     "fidelity_q_ge_tau", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
-    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds",
+    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds", "machine",
 ]  # fmt: skip
 
 
@@ -65,6 +66,7 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "wall_seconds": by["run_end"][-1].get("wall", float("nan")) if by["run_end"] else float("nan"),
         "per_client": {c: _get(e, "global", "accuracy") for c, e in final.items()},
         "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
+        "machine": describe_machine(by["run_start"][0]["machine"]) if by["run_start"] else "",
     }
     row["llm_acc"] = _nanmax(row["llm_raw_acc"], row["llm_cal_acc"])
     row["ppl_change_pct"] = 100 * (row["ppl_end"] / row["ppl_start"] - 1) if ppl else float("nan")
@@ -264,6 +266,7 @@ def results_markdown(
                 f"| {name} | {info.get('slm')} | {info.get('train_size')} | {info.get('epochs')} | {100 * acc:.1f} % |"
             )
         out.append("")
+    out += machines_section(rows)
     if drift:
         out += ["## Cells reused with a different config", "",
                 "These cells finished before a setting changed and were not rerun; the tables above hold their "
@@ -274,6 +277,23 @@ def results_markdown(
         ]
         out.append("")
     return "\n".join(out) + "\n"
+
+
+def machines_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the cells ran. Numbers compare cleanly only between cells of one machine and one `auto`
+    precision: a grid assembled from several runs says so here."""
+    by: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        if r.get("machine"):
+            by[r["machine"]].append(f"{r['task']} / {r['method']} / seed {r['seed']}")
+    if not by:
+        return []
+    if len(by) == 1:
+        [(machine, names)] = by.items()
+        return ["## Where the cells ran", "", f"All {len(names)} cells: {machine}.", ""]
+    out = ["## Where the cells ran", "", f"**The cells ran on {len(by)} different machines or precisions**; "
+           "compare methods within one of these groups.", "", "| machine | cells |", "| --- | --- |"]  # fmt: skip
+    return out + [f"| {machine} | {', '.join(names)} |" for machine, names in by.items()] + [""]
 
 
 def _values(rows: list[dict], key: str, task: str, method: str) -> list[float]:

@@ -4,6 +4,7 @@ Cells run one after another (this is a 2-core machine) into `<output_dir>/<name>
 cell is never run again, an unfinished one is started over, so an interrupted experiment resumes where
 it stopped. A finished cell whose saved config differs from the one the grid would run now is reused
 as it is, with a warning naming the keys (and a section in results.md): delete its folder to rerun it.
+A precision key left at `auto` counts as the dtype the cell resolved it to (recorded in its run_start).
 The resolved experiment config is saved beside the results.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from crosslm.config import METHOD_NAMES, _f, _unknown_key, all_keys, load_config, read_yaml
+from crosslm.config import METHOD_NAMES, PRECISION_KEYS, _f, _unknown_key, all_keys, load_config, read_yaml
 from crosslm.errors import ConfigError
 from crosslm.io import atomic_write_text, read_jsonl
 
@@ -151,18 +152,46 @@ def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every config key on which a finished cell's saved
     config.yaml differs from `cfg`, the config the grid would run for it now. A default changed or a
     setting edited since the cell ran shows here; the cell itself is reused unchanged. Keys the cell's
-    method never reads (methods.UNREAD_KEYS) are skipped."""
+    method never reads (methods.UNREAD_KEYS) are skipped. A precision key set to `auto` counts as the
+    dtype it resolved to, so `auto` that ran in float32 differs from `auto` that now means bfloat16."""
     from crosslm.methods import UNREAD_KEYS
 
     unread = (*DRIFT_IGNORED_KEYS, *UNREAD_KEYS.get(cfg.method, ()))
     path = run_dir / "config.yaml"
     saved = read_yaml(path, "cell config") if path.is_file() else {}
     current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # the same value types as the saved file
-    return [
-        (key, _lookup(saved, key), _lookup(current, key))
-        for key in all_keys(cfg)
-        if not key.startswith(unread) and _lookup(saved, key) != _lookup(current, key)
-    ]
+    auto_then, auto_now = _cpu_auto_dtype(run_dir), _cpu_auto_dtype(None)
+
+    def pair(key: str) -> tuple[Any, Any]:
+        then, now = _lookup(saved, key), _lookup(current, key)
+        if key in PRECISION_KEYS:  # `auto` compared by what it resolved to, where both sides are known
+            resolved = (auto_then if then == "auto" else then, auto_now if now == "auto" else now)
+            if None not in resolved:
+                return resolved
+        return then, now
+
+    diffs = []
+    for key in all_keys(cfg):
+        then, now = pair(key)
+        if then != now and not key.startswith(unread):
+            diffs.append((key, then, now))
+    return diffs
+
+
+def _cpu_auto_dtype(run_dir: Path | None) -> str | None:
+    """What precision `auto` meant for a CPU-only run: recorded in a finished cell's run_start (None
+    for a run with a GPU or from before the record), or probed on this machine when `run_dir` is None.
+    Two cells both set to `auto` differ when one ran in float32 and the other in bfloat16."""
+    if run_dir is None:
+        import torch
+
+        from crosslm.precision import bf16_is_faster
+
+        return None if torch.cuda.is_available() else ("bfloat16" if bf16_is_faster() else "float32")
+    path = run_dir / "metrics.jsonl"
+    starts = [e for e in read_jsonl(path) if e.get("event") == "run_start"] if path.is_file() else []
+    machine = starts[0].get("machine", {}) if starts else {}
+    return None if machine.get("gpu") else machine.get("cpu_auto_dtype")
 
 
 def describe_drift(diffs: list[tuple[str, Any, Any]]) -> str:
