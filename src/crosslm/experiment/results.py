@@ -66,7 +66,7 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "wall_seconds": by["run_end"][-1].get("wall", float("nan")) if by["run_end"] else float("nan"),
         "per_client": {c: _get(e, "global", "accuracy") for c, e in final.items()},
         "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
-        "machine": describe_machine(by["run_start"][0]["machine"]) if by["run_start"] else "",
+        "machine": describe_machine(m) if (m := (by["run_start"] or [{}])[0].get("machine")) else "",
     }
     row["llm_acc"] = _nanmax(row["llm_raw_acc"], row["llm_cal_acc"])
     row["ppl_change_pct"] = 100 * (row["ppl_end"] / row["ppl_start"] - 1) if ppl else float("nan")
