@@ -37,6 +37,10 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
     ])  # fmt: skip
     r = cell_row(tmp_path)
     assert r["machine"] == ""  # a log without run_start names no machine
+    events = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "run_start"}) + "\n" + events)
+    assert cell_row(tmp_path)["machine"] == ""  # nor does an older run_start without the record
+    (tmp_path / "metrics.jsonl").write_text(events)
     machine = {
         "torch": "2.13.0+cpu",
         "cpu": "Xeon",
