@@ -172,8 +172,10 @@ def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
 
     diffs = []
     for key in all_keys(cfg):
+        if key.startswith(unread):
+            continue
         then, now = pair(key)
-        if then != now and not key.startswith(unread):
+        if then != now:
             diffs.append((key, then, now))
     return diffs
 
@@ -185,9 +187,9 @@ def _cpu_auto_dtype(run_dir: Path | None) -> str | None:
     if run_dir is None:
         import torch
 
-        from crosslm.precision import bf16_is_faster
+        from crosslm.precision import dtype_name, resolve_dtype
 
-        return None if torch.cuda.is_available() else ("bfloat16" if bf16_is_faster() else "float32")
+        return None if torch.cuda.is_available() else dtype_name(resolve_dtype("auto", "cpu"))
     path = run_dir / "metrics.jsonl"
     starts = [e for e in read_jsonl(path) if e.get("event") == "run_start"] if path.is_file() else []
     machine = starts[0].get("machine", {}) if starts else {}
