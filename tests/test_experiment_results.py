@@ -216,6 +216,36 @@ def test_auto_precision_is_compared_by_the_dtype_it_resolved_to(tmp_path, monkey
     assert sorted(config_drift(tmp_path, pinned)) == [(k, "auto", "bfloat16") for k in sorted(PRECISION_KEYS)]
 
 
+def test_a_catalogue_prompt_edited_since_a_cell_ran_is_drift(tmp_path, monkeypatch):
+    """No config key changes when the catalogue's wording does: the cell's run_start record shows it."""
+    import dataclasses
+    import json
+
+    from crosslm.catalogue import datasets as cat
+    from crosslm.config import load_config, save_config
+    from crosslm.experiment.runner import config_drift
+
+    monkeypatch.setattr("crosslm.experiment.runner._cpu_auto_dtype", lambda start: None)
+    trec = cat.DATASETS["trec"]
+    ran_with = trec.task.wording()
+    for method in ["kd-no-feedback", "standalone"]:
+        cfg = load_config(None, [f"method={method}", "data.dataset=trec"])
+        save_config(cfg, tmp_path / "config.yaml")
+        log = tmp_path / "metrics.jsonl"
+        log.write_text(json.dumps({"event": "run_start", "task_wording": ran_with}) + "\n")
+        assert config_drift(tmp_path, cfg) == []
+        edited = dataclasses.replace(trec.task, generation_prompt="Ask a question about {description}.")
+        monkeypatch.setitem(cat.DATASETS, "trec", dataclasses.replace(trec, task=edited))
+        expected = [
+            ("task.generation_prompt", trec.task.generation_prompt, "Ask a question about {description}.")
+        ]
+        # standalone never prompts an LLM: its cell stays valid
+        assert config_drift(tmp_path, cfg) == (expected if method == "kd-no-feedback" else [])
+        log.write_text(json.dumps({"event": "run_start"}) + "\n")  # a cell from before the record
+        assert config_drift(tmp_path, cfg) == []
+        monkeypatch.setitem(cat.DATASETS, "trec", trec)
+
+
 def test_results_name_the_machines_and_flag_a_grid_from_several():
     exp = SimpleNamespace(name="x", methods=["crosslm", "standalone"], base_config="b", overrides={})
     bf16, fp32 = "Xeon (2 threads), torch 2.13, CPU precision auto = bfloat16", "Xeon ... = float32"

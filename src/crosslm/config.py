@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,7 +47,9 @@ cell's `auto` is compared by what it resolved to (crosslm.experiment.runner.conf
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with help text (shown by `crosslm run --help-config`)."""
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        return field(
+            default_factory=functools.partial(type(default), default), metadata={"help": help}
+        )  # a copy per instance
     return field(default=default, metadata={"help": help})
 
 

@@ -196,6 +196,7 @@ def run(cfg: RunConfig) -> Path:
                 "seed": cfg.seed,
                 "dataset": d.dataset,
                 "labels": list(task.labels),
+                "task_wording": task.wording(),
                 "llm": cfg.llm.model,
                 "runtime": "inprocess",
                 "machine": machine_info(),

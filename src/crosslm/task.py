@@ -45,6 +45,16 @@ class TaskSpec:
     def classify_prompt(self, text: str) -> str:
         return self.classification_prompt.format(text=text, options=", ".join(self.verbalizer))
 
+    def wording(self) -> dict[str, str | list[str]]:
+        """Everything the LLM is told about the task, as JSON. A run records it in its run_start, so a
+        catalogue prompt edited later shows as drift when the run is reused (crosslm.experiment)."""
+        return {
+            "descriptions": list(self.descriptions),
+            "verbalizer": list(self.verbalizer),
+            "generation_prompt": self.generation_prompt,
+            "classification_prompt": self.classification_prompt,
+        }
+
 
 @dataclass
 class LabelledTexts:

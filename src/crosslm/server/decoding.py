@@ -234,7 +234,8 @@ def sample_tokens(
     mask, position = mask[row_prompt], positions[row_prompt, -1]
     lean = getattr(model, "crosslm_decoder", None)  # set by generation_model for Llama-family CPU snapshots
     if lean is not None:
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        # full-attention layers: their keys and values are set once the prompt pass has run
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
         # 0 where a row attends, -inf at its prompt padding; the step reads only the filled positions
         bias = torch.zeros(mask.shape, device=device).masked_fill_(mask == 0, float("-inf"))
         bias[:, width:] = 0

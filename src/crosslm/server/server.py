@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -384,7 +384,8 @@ def fedavg_state(states: list[dict[str, torch.Tensor]], weights: list[int]) -> d
     out = {}
     for k, v in states[0].items():
         if v.is_floating_point():
-            out[k] = sum(s[k].float() * (w / total) for s, w in zip(states, weights, strict=True)).to(v.dtype)
+            mean = sum(s[k].float() * (w / total) for s, w in zip(states, weights, strict=True))
+            out[k] = cast(torch.Tensor, mean).to(v.dtype)
         else:
             out[k] = v.clone()
     return out

@@ -7,7 +7,7 @@ to content-free inputs. The same scoring, with gradients, is L_task.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -124,7 +124,7 @@ def evaluate_llm(
     *,
     max_text_tokens: int,
     batch_size: int,
-    other_verbalizers: dict[str, Sequence[str]] | None = None,
+    other_verbalizers: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Raw and calibrated accuracy / macro-F1 of the LLM on `data` with the task's label words, and under
     `label_word_variants` the same for each of `other_verbalizers` (label-word forms). All forms share

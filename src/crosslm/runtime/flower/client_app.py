@@ -101,7 +101,7 @@ def run_settings(run_config: dict[str, Any]) -> tuple[RunConfig, TaskSpec]:
     cfg = read_run_config(run_config)
     try:
         fields = json.loads(str(run_config["task"]))
-        task = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        task = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})  # type: ignore[arg-type]
     except (KeyError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"run config lacks a valid 'task' ({e}); submit with crosslm flower") from None
     return cfg, task

@@ -62,7 +62,7 @@ def unpack_wire(rd: RecordDict, max_bytes: int, *, with_report: bool = False) ->
     header = _json(rd, HEADER)  # parsed here only to fail early; decode() validates its fields
     if not isinstance(header, dict):
         raise ProtocolError("message header is not a JSON object")
-    wire = WireMessage(header=rd[HEADER]["json"], payload=b"")
+    wire = WireMessage(header=str(rd[HEADER]["json"]), payload=b"")
     if len(wire) + arr.shape[0] > max_bytes:
         raise ProtocolError(f"message is {len(wire) + arr.shape[0]} bytes, over the {max_bytes}-byte limit")
     wire.payload = bytes(arr.data)

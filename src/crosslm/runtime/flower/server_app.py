@@ -410,6 +410,7 @@ def serve(
                     "seed": cfg.seed,
                     "dataset": cfg.data.dataset,
                     "labels": list(task.labels),
+                    "task_wording": task.wording(),
                     "llm": cfg.llm.model,
                     "runtime": "flower",
                     "machine": machine_info(),
