@@ -55,6 +55,7 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
     r = cell_row(tmp_path)
     assert r["machine"] == "Xeon (2 threads), torch 2.13.0+cpu, CPU precision auto = float32"
     assert r["slm_acc"] == pytest.approx(0.7) and r["slm_start_acc"] == pytest.approx(0.6)
+    assert r["slm_served_acc"] == pytest.approx(0.6)  # only 'a' got a reply; 'b' (0.8) never did
     assert r["slm_reply_gain"] == pytest.approx(0.25)  # 0.5 -> 0.75 at the one reply
     assert r["slm_f1"] == pytest.approx(0.6) and r["slm_local_acc"] == pytest.approx(0.8)
     assert r["llm_acc"] == 0.7 and r["llm_zero_shot"] == 0.65
@@ -97,6 +98,14 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     md = results_markdown(rows, exp)
     assert "| crosslm-no-qg | 60.0 ± 0.0 (n=1) |" in md and "| crosslm-no-qg | +12.0 ± 0.0 (n=1) |" in md
     assert "| crosslm | 71.0 ± 1.4 |" in md  # a cell with every seed carries no count
+    assert "of the clients the server replied to" not in md  # no cell recorded the served clients
+    for r in rows:
+        if r["method"] in ("crosslm", "standalone"):
+            r["slm_served_acc"] = r["slm_acc"] + (0.1 if r["method"] == "crosslm" else 0.0)
+    md = results_markdown(rows, exp)
+    served = md.split("## CrossLM minus each method, SLM accuracy of the clients the server replied to")[1]
+    # paired on the served clients: +25 against standalone; kd-no-feedback recorded none, so no row
+    assert "| standalone | +25.0 ± 0.0 (n=2) |" in served and "kd-no-feedback" not in served
     exp.overrides = {"eval.split": "validation"}  # a tuning run names the split its numbers are on
     md = results_markdown(rows, exp)
     assert "## SLM accuracy on the validation split (eval.split) (%), final" in md
