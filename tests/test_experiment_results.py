@@ -234,7 +234,7 @@ def test_a_catalogue_prompt_edited_since_a_cell_ran_is_drift(tmp_path, monkeypat
     from crosslm.config import load_config, save_config
     from crosslm.experiment.runner import config_drift
 
-    monkeypatch.setattr("crosslm.experiment.runner._cpu_auto_dtype", lambda start: None)
+    monkeypatch.setattr("crosslm.experiment.runner._auto_dtype_here", lambda: None)
     trec = cat.DATASETS["trec"]
     ran_with = trec.task.wording()
     for method in ["kd-no-feedback", "standalone"]:

@@ -29,8 +29,7 @@ def _is_number(x: Any) -> TypeGuard[float]:
 
 
 def _mean(xs: Sequence[float | None]) -> float:
-    kept = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(kept) / len(kept) if kept else float("nan")
+    return mean_std(xs)[0]
 
 
 def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:

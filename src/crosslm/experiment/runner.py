@@ -162,7 +162,7 @@ def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
     saved = read_yaml(path, "cell config") if path.is_file() else {}
     current = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # the same value types as the saved file
     start = _run_start(run_dir)
-    auto_then, auto_now = _cpu_auto_dtype(start), _cpu_auto_dtype(None)
+    auto_then, auto_now = _recorded_auto_dtype(start), _auto_dtype_here()
 
     def pair(key: str) -> tuple[Any, Any]:
         then, now = _lookup(saved, key), _lookup(current, key)
@@ -189,18 +189,21 @@ def _run_start(run_dir: Path) -> dict[str, Any]:
     return starts[0] if starts else {}
 
 
-def _cpu_auto_dtype(run_start: dict[str, Any] | None) -> str | None:
-    """What precision `auto` meant for a CPU-only run: recorded in a finished cell's run_start (None
-    for a run with a GPU or from before the record), or probed on this machine when `run_start` is None.
-    Two cells both set to `auto` differ when one ran in float32 and the other in bfloat16."""
-    if run_start is None:
-        import torch
-
-        from crosslm.precision import dtype_name, resolve_dtype
-
-        return None if torch.cuda.is_available() else dtype_name(resolve_dtype("auto", "cpu"))
+def _recorded_auto_dtype(run_start: dict[str, Any]) -> str | None:
+    """What precision `auto` meant for a finished CPU-only cell, as its run_start recorded it (None for a
+    run with a GPU or from before the record). Two cells both set to `auto` differ when one ran in
+    float32 and the other in bfloat16."""
     machine = run_start.get("machine") or {}
     return None if machine.get("gpu") else machine.get("cpu_auto_dtype")
+
+
+def _auto_dtype_here() -> str | None:
+    """What `auto` resolves to for a CPU run on this machine now (None where a GPU is present)."""
+    import torch
+
+    from crosslm.precision import dtype_name, resolve_dtype
+
+    return None if torch.cuda.is_available() else dtype_name(resolve_dtype("auto", "cpu"))
 
 
 def _wording_drift(run_start: dict[str, Any], cfg: Any) -> list[tuple[str, Any, Any]]:
