@@ -5,6 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  # The venv takes about 2.2 GB (torch alone 0.75 GB) and the first run caches 0.5 GB of converted models.
+  # Say so up front rather than let pip stop half-way with "No space left on device"; pip unpacks
+  # into TMPDIR, so both places are checked.
+  need_mb=3000
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_mb=$(df -Pm "$dir" | awk 'NR==2 {print $4}')
+    if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+      echo "warning: $free_mb MB free at $(cd "$dir" && pwd); installing crosslm needs about $need_mb MB there" >&2
+    fi
+  done
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
