@@ -9,7 +9,7 @@ run: install
 	$(VENV)/crosslm run configs/default.yaml
 
 test: install lint
-	$(VENV)/python -m pytest -q
+	$(VENV)/python -m pytest -q --durations=15
 
 lint:
 	$(VENV)/ruff check src tests benchmarks

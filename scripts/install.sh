@@ -9,8 +9,11 @@ if [ ! -x .venv/bin/python ]; then
   # Say so up front rather than let pip stop half-way with "No space left on device"; pip unpacks
   # into TMPDIR, so both places are checked.
   need_mb=3000
+  seen=""
   for dir in . "${TMPDIR:-/tmp}"; do
-    free_mb=$(df -Pm "$dir" | awk 'NR==2 {print $4}')
+    read -r fs free_mb < <(df -Pm "$dir" | awk 'NR==2 {print $1, $4}') || continue
+    case " $seen " in *" $fs "*) continue ;; esac  # one warning per filesystem
+    seen="$seen $fs"
     if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
       echo "warning: $free_mb MB free at $(cd "$dir" && pwd); installing crosslm needs about $need_mb MB there" >&2
     fi

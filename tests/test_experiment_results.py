@@ -253,6 +253,19 @@ def test_a_catalogue_prompt_edited_since_a_cell_ran_is_drift(tmp_path, monkeypat
         log.write_text(json.dumps({"event": "run_start"}) + "\n")  # a cell from before the record
         assert config_drift(tmp_path, cfg) == []
         monkeypatch.setitem(cat.DATASETS, "trec", trec)
+    # a prompt changed through the config is listed once, by its key, not again as task wording
+    cfg = load_config(None, ["method=crosslm", "data.dataset=trec"])
+    save_config(cfg, tmp_path / "config.yaml")
+    log.write_text(json.dumps({"event": "run_start", "task_wording": ran_with}) + "\n")
+    desc = {"ABBR": "an abbreviation question"}
+    now = load_config(
+        None, ["method=crosslm", "data.dataset=trec", "data.generation_prompt=Ask about {description}."]
+    )
+    now.data.label_descriptions = desc
+    assert sorted(k for k, _, _ in config_drift(tmp_path, now)) == [
+        "data.generation_prompt",
+        "data.label_descriptions",
+    ]
 
 
 def test_results_name_the_machines_and_flag_a_grid_from_several():

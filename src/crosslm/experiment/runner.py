@@ -139,6 +139,11 @@ def cell_done(run_dir: Path) -> bool:
 
 # Where a cell is stored, not what it computes: never reported as drift.
 DRIFT_IGNORED_KEYS = frozenset({"output_dir", "name"})
+# The config key that sets a recorded wording field: a change there is listed once, as the key.
+WORDING_CONFIG_KEYS = {
+    "task.generation_prompt": "data.generation_prompt",
+    "task.descriptions": "data.label_descriptions",
+}
 
 
 def _lookup(tree: Any, key: str) -> Any:
@@ -179,7 +184,9 @@ def config_drift(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
         then, now = pair(key)
         if then != now:
             diffs.append((key, then, now))
-    return diffs + _wording_drift(start, cfg)
+    shown = {key for key, _, _ in diffs}
+    wording = [d for d in _wording_drift(start, cfg) if WORDING_CONFIG_KEYS.get(d[0]) not in shown]
+    return diffs + wording
 
 
 def _run_start(run_dir: Path) -> dict[str, Any]:
