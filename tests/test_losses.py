@@ -275,3 +275,15 @@ def test_logit_adjusted_local_training_pushes_a_label_the_client_does_not_hold_d
         assert logits[:, :2].argmax(-1).tolist() == [1, 0, 1, 0]  # both learn the local task
         label2[t] = torch.softmax(logits, -1)[:, 2].mean().item()
     assert label2[1.0] > 2 * label2[0.0], label2  # 0.072 vs 0.028 when written
+
+
+def test_adding_lora_prints_no_deprecation_warning(tiny_llm):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` alias; a user's run shows no warning
+    for it, and the adapter is still attached."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = _lora(tiny_llm)
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
+    assert any("lora_" in n for n, _ in model.named_parameters())

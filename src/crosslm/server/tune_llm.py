@@ -7,6 +7,7 @@ computed on the L_QG batch, at every generated-token position.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,13 @@ def add_lora(model: Any, cfg: LLMConfig) -> Any:
         target_modules=targets or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias: their warning, not
+        # ours, printed once per run. Only that message is silenced.
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, lora)
 
 
 def tune_adapter(
