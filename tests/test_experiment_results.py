@@ -156,6 +156,18 @@ def test_one_task_override_can_be_set_from_the_command_line(tmp_path):
         load_experiment(str(path), ["task_overrides.trec.feedback.min_per_labl=7"])
 
 
+def test_the_shipped_grids_share_the_per_task_settings_chosen_on_validation():
+    """A setting chosen on validation.yaml is what small.yaml and full.yaml must run on the test split."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    grids = {n: load_experiment(str(root / f"{n}.yaml"), []) for n in ("validation", "small", "full")}
+    chosen = grids["validation"].task_overrides
+    assert chosen["trec"]["tune.steps"] == 24 and "tune.steps" not in chosen.get("rotten-tomatoes", {})
+    for name in ("small", "full"):
+        assert grids[name].task_overrides == chosen, name
+
+
 def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
     from crosslm.config import load_config, save_config
     from crosslm.experiment.runner import config_drift
