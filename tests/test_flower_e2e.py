@@ -18,7 +18,7 @@ from crosslm.config import load_config
 from crosslm.errors import CrossLMError
 from crosslm.io import read_jsonl
 from crosslm.protocol import SLMUpload, validate_report
-from crosslm.run import make_run_dir, prepare_data
+from crosslm.lifecycle import make_run_dir, prepare_data
 from crosslm.runtime.flower.deploy import NodeSpec, loopback, node_key, write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

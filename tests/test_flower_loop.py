@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from flwr.common.constant import ErrorCode
 from crosslm.config import RunConfig
 from crosslm.io import JsonlWriter, read_jsonl
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, encode, model_config_dict
-from crosslm.run import RunLog
+from crosslm.lifecycle import RunLog
 from crosslm.runtime.flower.payload import pack, unpack_wire
 from crosslm.runtime.flower.server_app import ENHANCED, TRAIN, AsyncLoop
 from crosslm.server.checkpoint import ServerCheckpoint
@@ -36,6 +37,7 @@ class Server(CrossLMServer):
 
     def __init__(self, cfg: RunConfig, log):
         super().__init__(cfg, TASK, None, None, LabelledTexts(), log=log, log_synthetic=lambda e: None)
+        self.llm = SimpleNamespace()  # an LLM is there: its adapter is checkpointed by the stand-ins below
         self.steps: list[list[str]] = []
 
     def step(self):
@@ -77,8 +79,8 @@ def upload(cid: str, version: int, base: int, state=None, **kw) -> WireMessage:
 class Node:
     """A simulated SuperNode: answers train with an upload after `latency` simulated seconds."""
 
-    def __init__(self, cid: str, latency: float, faults: list | None = None):
-        self.cid, self.latency, self.round, self.base = cid, latency, 0, 0
+    def __init__(self, cid: str, latency: float, faults: list | None = None, labels=("neg", "pos")):
+        self.cid, self.latency, self.round, self.base, self.labels = cid, latency, 0, 0, list(labels)
         self.faults = list(faults or [])  # per train reply: None (honest) or a function making a bad reply
         self.offline: tuple[float, float] | None = None  # (from, until) simulated seconds
 
@@ -97,7 +99,7 @@ class Node:
             return fault(self)
         report = {"event": "client_trained", "client": self.cid, "round": self.round, "base_version": self.base,
                   "train_loss": 0.5, "local": {"accuracy": 0.5}, "seconds": self.latency}  # fmt: skip
-        return pack(wire=upload(self.cid, self.round, self.base), report=report)
+        return pack(wire=upload(self.cid, self.round, self.base, labels=self.labels), report=report)
 
 
 class FakeGrid:
@@ -344,3 +346,130 @@ def test_a_killed_server_resumes_from_its_checkpoint_without_losing_uploads(tmp_
     log2.writer.close()
     updates = [e["update"] for e in read_jsonl(tmp_path / "metrics.jsonl") if e["event"] == "server_update"]
     assert updates == [1, 2, 3, 4, 5, 6]  # continues, nothing repeated, nothing skipped
+
+
+# ------------------------------------------------------------------------------------------ hostile nodes
+def _claiming(cid: str, *, event: str = "client_trained", base: int | None = None, round_: int | None = None):
+    """A train reply whose upload (and report) claim `cid`, with the given report kind and versions."""
+
+    def make(node: Node) -> RecordDict:
+        b = node.base if base is None else base
+        r = node.round if round_ is None else round_
+        report = {"event": event, "client": cid, "round": r, "base_version": b}
+        if event == "client_trained":
+            report.update(train_loss=0.5, seconds=1.0)
+        report["local"] = {"accuracy": 1.0}
+        return pack(wire=upload(cid, node.round, b), report=report)
+
+    return make
+
+
+def test_a_node_cannot_choose_where_the_server_writes(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    hostile = ["../../../escaped", "x" * 300, "..", "a/b"]
+    nodes = {1: Node("good", 3.0), 2: Node("evil", 1.0, faults=[_claiming(c) for c in hostile])}
+    _, server, _, loop, log = _setup(run, nodes, updates=6)
+    loop.run()
+    log.writer.close()
+    refused = [e for e in _events(run, "upload") if not e["accepted"]]
+    assert len(refused) == len(hostile) and all("not a client name" in e["reason"] for e in refused)
+    assert not [p for p in tmp_path.rglob("*") if "escaped" in p.name]
+    assert {p.parent for p in (run / "checkpoint").rglob("*.wire")} <= {run / "checkpoint" / "uploads",
+                                                                        run / "checkpoint" / "outbox"}  # fmt: skip
+    assert server.update == 6 and set(server.models) == {"good", "evil"}
+
+
+def test_a_reply_carries_only_the_report_kind_its_message_asks_for(tmp_path):
+    fake_eval = _claiming("liar", event="client_eval", round_=99)
+    nodes = {1: Node("good", 3.0), 2: Node("liar", 1.0, faults=[fake_eval])}
+    _, server, _, loop, log = _setup(tmp_path, nodes, updates=4)
+    loop.run()
+    log.writer.close()
+    refused = [e for e in _events(tmp_path, "upload") if not e["accepted"]]
+    assert refused and "does not answer this message" in refused[0]["reason"]
+    assert all(e["round"] != 99 for e in _events(tmp_path, "client_eval"))  # no forged final result
+
+
+def test_a_base_version_ahead_of_the_server_is_refused(tmp_path):
+    nodes = {1: Node("good", 3.0), 2: Node("future", 1.0, faults=[_claiming("future", base=50)])}
+    _, server, _, loop, log = _setup(tmp_path, nodes, updates=4)
+    loop.run()
+    log.writer.close()
+    refused = [e for e in _events(tmp_path, "upload") if not e["accepted"]]
+    assert refused and "ahead of the server" in refused[0]["reason"]
+    assert all(e.get("staleness", 0) >= 0 for e in _events(tmp_path, "upload"))
+
+
+def test_a_failure_while_handling_one_message_refuses_it_and_the_server_goes_on(tmp_path):
+    nodes = {1: Node("a", 2.0), 2: Node("b", 3.0)}
+    _, server, _, loop, log = _setup(tmp_path, nodes, updates=4)
+    real_store, calls = loop.ckpt.store_upload, []
+
+    def failing_store(cid, version, wire):
+        calls.append(cid)
+        if len(calls) == 2:
+            raise OSError(36, "File name too long")
+        return real_store(cid, version, wire)
+
+    loop.ckpt.store_upload = failing_store
+    loop.run()
+    log.writer.close()
+    refused = _events(tmp_path, "message_refused")
+    assert len(refused) == 1 and "OSError" in refused[0]["reason"] and refused[0]["kind"] == TRAIN
+    assert server.update == 4
+
+
+def test_node_loss_is_noticed_while_a_server_update_runs(tmp_path):
+    nodes = {1: Node("a", 2.0), 2: Node("b", 3.0)}
+    nodes[2].offline = (10.0, 10_000.0)
+    cfg, server, grid, loop, log = _setup(tmp_path, nodes, updates=2, poll_interval=0.01)
+    real_step = server.step
+
+    def slow_step():  # a 100 s update on the simulated clock (about 1 s of real time)
+        start = grid.now
+        while grid.now < start + 100:
+            grid.now += 1.0
+            time.sleep(0.01)
+        return real_step()
+
+    server.step = slow_step
+    loop.run()
+    log.writer.close()
+    first_update = _events(tmp_path, "server_update")[0]
+    lost = _events(tmp_path, "node_lost")
+    assert lost and lost[0]["node"] == 2
+    assert lost[0]["t"] < first_update["t"] - 50  # seen during the update, not after it
+
+
+def test_a_baseline_method_runs_over_the_flower_loop(tmp_path):
+    """standalone and fedavg through the ServerApp's own `serve` (the run lifecycle), on the fake grid."""
+    from crosslm.config import load_config
+    from crosslm.runtime.flower.server_app import serve
+
+    for method in ("standalone", "fedavg"):
+        cfg = load_config(None, [f"method={method}", "data.num_clients=2", "data.train_per_client=20",
+                                 "data.test_per_client=5", "data.global_test_size=20", "federation.updates=3",
+                                 "flower.poll_interval=0.5"])  # fmt: skip
+        labels = ("negative", "positive")  # the catalogue task's
+        grid = FakeGrid({1: Node("client-0", 2.0, labels=labels), 2: Node("client-1", 3.0, labels=labels)})
+        run_dir = tmp_path / method
+        serve(grid, cfg, run_dir, new_message=grid.new_message, clock=grid.clock, sleep=grid.sleep)
+        ev = read_jsonl(run_dir / "metrics.jsonl")
+        assert ev[0]["event"] == "run_start" and ev[0]["method"] == method
+        assert ev[-1]["event"] == "run_end" and ev[-1]["reason"] == "completed"
+        updates = [e for e in ev if e["event"] == "server_update"]
+        assert len(updates) == 3 and all(e["mode"] == cfg.federation.server_update for e in updates)
+        assert not [e for e in ev if e["event"] in ("llm_eval", "perplexity")]  # no LLM in a baseline
+        assert (run_dir / "report.md").is_file()
+
+
+def test_centralized_is_refused_over_flower_with_a_reason(tmp_path):
+    from crosslm.config import load_config
+    from crosslm.errors import ConfigError
+    from crosslm.runtime.flower.server_app import serve
+
+    cfg = load_config(None, ["method=centralized"])
+    with pytest.raises(ConfigError, match="pooled data"):
+        serve(FakeGrid({}), cfg, tmp_path / "c")
+    assert not (tmp_path / "c").exists()

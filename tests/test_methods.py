@@ -133,7 +133,8 @@ def test_missing_labels_rule_decides_what_the_server_distils(monkeypatch, rule, 
 
 
 def test_centralized_trains_one_slm_on_the_union_of_the_clients_data(tmp_path, monkeypatch):
-    from crosslm.run import prepare_data, run
+    from crosslm.lifecycle import prepare_data
+    from crosslm.run import run
 
     cfg = load_config(None, ["method=centralized", f"output_dir={tmp_path}", "name=c", "data.num_clients=3",
                              "data.train_per_client=20", "data.test_per_client=5", "data.global_test_size=30",

@@ -127,7 +127,7 @@ def test_validation_split_is_disjoint_stratified_and_changes_nothing_else() -> N
 
 def test_eval_split_validation_measures_on_validation(tmp_path) -> None:
     from crosslm.config import RunConfig
-    from crosslm.run import split_task_data
+    from crosslm.lifecycle import split_task_data
     from crosslm.task import TaskSpec
 
     cfg = RunConfig()

@@ -391,3 +391,27 @@ def test_protocol_source_never_unpickles() -> None:
     assert len(sources) >= 2
     for path in sources:
         assert unsafe_uses(path.read_text()) == [], path
+
+
+# ------------------------------------------------------------------------------------ identity and metrics
+@pytest.mark.parametrize(
+    "client_id",
+    ["../../../escaped", "a" * 300, ".", "..", "a/b", "a\\b", "nul\x00byte", " spaced", "ünïcode", "x" * 65],
+)
+def test_a_client_id_is_a_name_never_a_path(bert: torch.nn.Module, client_id: str) -> None:
+    rejects(encode(upload(bert, client_id=client_id)), "is not a client name")
+
+
+def test_valid_client_names_pass(bert: torch.nn.Module) -> None:
+    for client_id in ["client-0", "hospital_a.berlin", "x" * 64]:
+        assert roundtrip(encode(upload(bert, client_id=client_id))).client_id == client_id
+
+
+def test_upload_metrics_are_the_declared_keys_only(bert: torch.nn.Module) -> None:
+    rejects(encode(upload(bert, metrics={"accuracy": 0.5, "secret sentence": 1.0})), "undeclared key")
+
+
+def test_slm_names_are_catalogue_names_or_hub_ids() -> None:
+    assert protocol.is_slm_name("minilm-l6") and protocol.is_slm_name("Qwen/Qwen2.5-0.5B-Instruct")
+    for bad in ["/etc/passwd", "../x", "a/b/c", "~/models", "org/..", ""]:
+        assert not protocol.is_slm_name(bad), bad

@@ -2,6 +2,7 @@
 
     crosslm run [CONFIG] [--set key=value ...]            one machine, in-process runtime
     crosslm flower local [CONFIG] [--set key=value ...]   loopback Flower deployment (SuperLink + K SuperNodes)
+    crosslm flower local --resume RUN_DIR                 continue a killed loopback run from its checkpoint
     crosslm flower certs OUT --nodes NAME ...             throw-away CA, server certificate and node keys
     crosslm flower submit [CONFIG] --superlink HOST:PORT --root-certificates CA --run-dir DIR
     crosslm experiment [CONFIG] [--set key=value ...]      methods x tasks x seeds -> results.md/.csv, plots
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing keys)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (repeatable)")  # fmt: skip
+    p_local.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed or interrupted `flower local` run from its checkpoint, with its saved "
+        "config (only flower.* keys may be --set)",
+    )
     p_submit.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
     p_submit.add_argument(
         "--root-certificates", help="CA certificate that signed the SuperLink's certificate"
@@ -140,13 +147,27 @@ def _flower(args: argparse.Namespace) -> None:
         print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
         print("Keep ca.key and every node's private key secret; give each node only its own key.")
         return
+    from crosslm.errors import ConfigError
+    from crosslm.lifecycle import check_runtime, prepare_data
+
+    if args.flower_command == "local" and args.resume:
+        run_dir = Path(args.resume)
+        if args.config:
+            raise ConfigError(
+                f"--resume takes the config saved in '{run_dir}/config.yaml'; drop the config file argument"
+            )
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume '{run_dir}' holds no config.yaml: it is not a crosslm run directory")
+        bad = [o for o in args.overrides if not o.startswith("flower.")]
+        if bad:
+            raise ConfigError(f"--resume allows only flower.* overrides; got '{bad[0]}'")
+        deploy.run_local(load_config(run_dir / "config.yaml", args.overrides), resume=run_dir)
+        return
     cfg = load_config(args.config, args.overrides)
+    check_runtime(cfg, "flower")
     if args.flower_command == "local":
         deploy.run_local(cfg)
         return
-    from crosslm.errors import ConfigError
-    from crosslm.run import prepare_data
-
     if not args.insecure and not args.root_certificates:
         raise ConfigError("--root-certificates is required (or --insecure, for a trial without TLS)")
     task, _ = prepare_data(cfg)

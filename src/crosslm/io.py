@@ -10,6 +10,27 @@ from pathlib import Path
 from typing import Any
 
 
+def child_path(root: Path, name: str) -> Path:
+    """`root / name` for a single plain file name built from received data; raises ProtocolError when the
+    name could leave `root` (a separator, '..', a NUL) or is too long for a file system."""
+    from crosslm.errors import ProtocolError
+
+    root = Path(root)
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or len(name.encode("utf-8")) > 200
+    ):
+        raise ProtocolError(f"file name {name[:80]!r} built from received data is not a plain, short name")
+    path = root / name
+    if path.resolve().parent != root.resolve():
+        raise ProtocolError(f"file name {name[:80]!r} built from received data leaves '{root}'")
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

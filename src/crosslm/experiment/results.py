@@ -185,7 +185,7 @@ def write_results(exp: Any, root: Path) -> Path:
 def _judge(cfg: Any, exp: Any) -> tuple[Any, Any, list[str], dict]:
     from crosslm.catalogue.datasets import load_task_data
     from crosslm.evaluation.judge import judge_training_data, load_judge
-    from crosslm.run import split_task_data
+    from crosslm.lifecycle import split_task_data
 
     task, data = load_task_data(cfg.data)  # loaded once: the judge needs the data beyond the split
     split = split_task_data(cfg, task, data)

@@ -9,8 +9,10 @@ from crosslm.protocol.messages import (
     SLMUpload,
     WireMessage,
     build_model,
+    check_client_id,
     decode,
     encode,
+    is_slm_name,
     model_config_dict,
 )
 from crosslm.protocol.reports import validate_report
@@ -24,8 +26,10 @@ __all__ = [
     "SLMUpload",
     "WireMessage",
     "build_model",
+    "check_client_id",
     "decode",
     "encode",
+    "is_slm_name",
     "model_config_dict",
     "validate_report",
 ]

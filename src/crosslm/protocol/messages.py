@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,15 @@ WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _INT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 _FRAME_PREFIX = struct.Struct(">Q")  # 8-byte big-endian header length
+
+# Identity fields are names, never paths: the server builds file names from a client id and loads a
+# tokenizer by an SLM name, so both are held to a strict pattern before anything else looks at them.
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# An SLM name: a catalogue name or a Hugging Face id ("org/name"); a local path is accepted only when the
+# server's own config names it (see `CrossLMServer.receive`).
+SLM_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+# Metric keys an upload may declare (aggregates of the client's own test split, nothing else).
+UPLOAD_METRIC_KEYS = frozenset({"accuracy", "macro_f1"})
 
 # Config keys that describe provenance, not architecture: dropped when sending and ignored when received
 # ("dtype" in particular would otherwise make `from_config` build a half-precision model).
@@ -128,6 +138,9 @@ class WireMessage:
 
     def __len__(self) -> int:
         return _FRAME_PREFIX.size + len(self.header.encode("utf-8")) + len(self.payload)
+
+    def __repr__(self) -> str:  # a payload is megabytes: never print it whole
+        return f"WireMessage(header={self.header[:300]!r}..., payload=<{len(self.payload)} bytes>)"
 
 
 # ------------------------------------------------------------------------------- model config <-> model
@@ -250,7 +263,7 @@ def decode(
         raise ProtocolError(f"message is {len(wire)} bytes, over the {max_bytes}-byte limit")
     head = _parse_header(wire.header)
     msg_type = head.pop("type", None)
-    if msg_type not in _MESSAGE_TYPES:
+    if not isinstance(msg_type, str) or msg_type not in _MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {msg_type!r} (expected one of {sorted(_MESSAGE_TYPES)})")
     if expected_type is not None and msg_type != expected_type:
         raise ProtocolError(f"got a {msg_type!r} message where {expected_type!r} was expected")
@@ -328,11 +341,36 @@ def _check_fields(cls: type[SLMUpload] | type[SLMEnhanced], head: dict[str, Any]
     return head
 
 
+def check_client_id(value: Any, where: str = "client_id") -> str:
+    """A client id is a name: letters, digits, '.', '_' and '-', at most 64 characters, never '.'/'..'."""
+    if not isinstance(value, str) or not CLIENT_ID_PATTERN.fullmatch(value) or value in (".", ".."):
+        raise ProtocolError(
+            f"{where} {str(value)[:80]!r} is not a client name (1-64 letters, digits, '.', '_' or '-'; "
+            "not '.' or '..')"
+        )
+    return value
+
+
+def is_slm_name(value: str) -> bool:
+    """A catalogue name or a Hugging Face id: no path separators beyond one 'org/', no '..'."""
+    return bool(SLM_NAME_PATTERN.fullmatch(value)) and ".." not in value
+
+
 def _check_semantics(fields: dict[str, Any], expected_labels: list[str]) -> None:
     """Cross-field rules the types alone cannot express."""
     for name in ("client_id", "slm", "model_type"):
         if not fields[name]:
             raise ProtocolError(f"header field {name!r} is empty")
+    check_client_id(fields["client_id"])
+    if len(fields["slm"]) > 1024:
+        raise ProtocolError(f"header field 'slm' is {len(fields['slm'])} characters, over the 1024 limit")
+    if "metrics" in fields:
+        bad = sorted(set(fields["metrics"]) - UPLOAD_METRIC_KEYS)
+        if bad:
+            raise ProtocolError(
+                f"header field 'metrics' has undeclared key {bad[0][:40]!r} "
+                f"(declared: {sorted(UPLOAD_METRIC_KEYS)})"
+            )
     if fields["labels"] != list(expected_labels):
         raise ProtocolError(
             f"labels {fields['labels']} differ from the expected labels {list(expected_labels)}"

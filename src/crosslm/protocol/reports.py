@@ -46,8 +46,13 @@ def _metrics(d: Any, where: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def validate_report(report: Any, *, client_id: str | None = None) -> dict[str, Any]:
-    """Check a received report against its declared fields; returns a clean copy or raises ProtocolError."""
+def validate_report(
+    report: Any, *, client_id: str | None = None, expected_event: str | None = None
+) -> dict[str, Any]:
+    """Check a received report against its declared fields; returns a clean copy or raises ProtocolError.
+
+    `expected_event` is the report kind the message it came with allows (a train reply carries a
+    'client_trained' report, never a 'client_eval' one), so a node cannot write another kind of result."""
     if not isinstance(report, dict):
         raise ProtocolError("report is not a JSON object")
     if len(json.dumps(report)) > MAX_REPORT_BYTES:
@@ -55,6 +60,10 @@ def validate_report(report: Any, *, client_id: str | None = None) -> dict[str, A
     kind = report.get("event")
     if kind not in REPORT_FIELDS:
         raise ProtocolError(f"report event {str(kind)[:40]!r} is not one of {sorted(REPORT_FIELDS)}")
+    if expected_event is not None and kind != expected_event:
+        raise ProtocolError(
+            f"report event {kind!r} does not answer this message (expected {expected_event!r})"
+        )
     cid = report.get("client")
     if not isinstance(cid, str) or (client_id is not None and cid != client_id):
         raise ProtocolError(f"report claims client {str(cid)[:40]!r}, expected {client_id!r}")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from crosslm.errors import CrossLMError
-from crosslm.io import atomic_write_bytes, atomic_write_json
-from crosslm.protocol import WireMessage
+from crosslm.io import atomic_write_bytes, atomic_write_json, child_path
+from crosslm.protocol import WireMessage, check_client_id
 from crosslm.server.server import CrossLMServer, SyntheticExample
 
 FORMAT_VERSION = 1
@@ -41,15 +41,19 @@ class ServerCheckpoint:
         return self.state_path.is_file()
 
     # -- writing -------------------------------------------------------------------------------------
+    def upload_path(self, client_id: str, version: int) -> Path:
+        """Where a client's upload is stored; refuses (ProtocolError) a name that would leave uploads/."""
+        return child_path(self.root / "uploads", f"{check_client_id(client_id)}-r{version}.wire")
+
     def store_upload(self, client_id: str, version: int, wire: WireMessage) -> None:
-        name = f"{client_id}-r{version}.wire"
-        atomic_write_bytes(self.root / "uploads" / name, wire.to_bytes())
-        self.uploads[client_id] = name
+        path = self.upload_path(client_id, version)
+        atomic_write_bytes(path, wire.to_bytes())
+        self.uploads[client_id] = path.name
 
     def store_outgoing(self, client_id: str, update: int, wire: WireMessage) -> None:
-        name = f"{client_id}-u{update}.wire"
-        atomic_write_bytes(self.root / "outbox" / name, wire.to_bytes())
-        self.outbox[client_id] = name
+        path = child_path(self.root / "outbox", f"{check_client_id(client_id)}-u{update}.wire")
+        atomic_write_bytes(path, wire.to_bytes())
+        self.outbox[client_id] = path.name
 
     def delivered(self, client_id: str) -> None:
         self.outbox.pop(client_id, None)
@@ -57,7 +61,8 @@ class ServerCheckpoint:
     def save(self, server: CrossLMServer, *, log_lines: int, synthetic_lines: int, runtime: dict) -> None:
         """Write the adapter if it changed, then state.json; then drop files no state names any more."""
         if server.update != self.adapter_update:
-            server.save_adapter(self.root / "adapter")
+            if server.llm is not None:  # a baseline's server has no LLM, so no adapter
+                server.save_adapter(self.root / "adapter")
             self.adapter_update = server.update
         state = {
             "format": FORMAT_VERSION,
@@ -98,9 +103,10 @@ class ServerCheckpoint:
     def restore(self, server: CrossLMServer) -> dict[str, Any]:
         """Bring a freshly built server to the checkpointed state; returns the state (runtime part too)."""
         state = self.load_state()
+        server.update = int(state["update"])  # before the uploads: their base versions are checked against it
         for cid, name in state["uploads"].items():
             wire = WireMessage.from_bytes(
-                (self.root / "uploads" / name).read_bytes(), max_bytes=server.max_bytes
+                child_path(self.root / "uploads", name).read_bytes(), max_bytes=server.max_bytes
             )
             event = server.receive(wire, sender=cid)
             if not event["accepted"]:
@@ -108,14 +114,13 @@ class ServerCheckpoint:
         self.uploads = dict(state["uploads"])
         self.outbox = dict(state["outbox"])
         server.pending = list(state["pending"])
-        server.update = int(state["update"])
         server.pool = [SyntheticExample(**e) for e in state["pool"]]
         server.seen = set(state["seen"])
         self.adapter_update = int(state["adapter_update"])
-        if self.adapter_update > 0:
+        if self.adapter_update > 0 and server.llm is not None:
             server.load_adapter(self.root / "adapter")
         return state
 
     def outgoing(self, client_id: str, max_bytes: int) -> WireMessage:
-        data = (self.root / "outbox" / self.outbox[client_id]).read_bytes()
+        data = child_path(self.root / "outbox", self.outbox[client_id]).read_bytes()
         return WireMessage.from_bytes(data, max_bytes=max_bytes)

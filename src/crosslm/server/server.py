@@ -30,6 +30,7 @@ from crosslm.protocol import (
     build_model,
     decode,
     encode,
+    is_slm_name,
     model_config_dict,
 )
 from crosslm.server.decoding import SnapshotCache
@@ -106,6 +107,16 @@ class CrossLMServer:
             event.update(client=msg.client_id, round=msg.version, slm=msg.slm, train_size=msg.num_examples)
             if sender is not None and msg.client_id != sender:
                 raise ProtocolError(f"upload from '{sender}' claims to be from '{msg.client_id}'")
+            if msg.base_version > self.update:
+                raise ProtocolError(
+                    f"base_version {msg.base_version} is ahead of the server, which has made {self.update} "
+                    "updates"
+                )
+            if not is_slm_name(msg.slm) and msg.slm not in {str(s) for s in self.cfg.clients.slms}:
+                raise ProtocolError(
+                    f"slm {msg.slm[:80]!r} is neither a catalogue name or Hugging Face id nor one of the "
+                    "server's clients.slms"
+                )
             self.models[msg.client_id] = self._host(msg)
         except (ProtocolError, CrossLMError) as e:
             event["reason"] = str(e)

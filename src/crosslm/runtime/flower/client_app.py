@@ -33,8 +33,10 @@ from flwr.clientapp import ClientApp
 
 from crosslm.client.client import Client, ClientData
 from crosslm.config import RunConfig
-from crosslm.errors import ConfigError, DataError
+from crosslm.errors import ConfigError, DataError, ProtocolError
 from crosslm.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from crosslm.lifecycle import build_client, prepare_data
+from crosslm.protocol import check_client_id
 from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_request, unpack_wire
 from crosslm.task import LabelledTexts, TaskSpec
@@ -78,6 +80,10 @@ def node_settings(node: dict[str, Any], cfg: RunConfig) -> NodeSettings:
     cid = _get(node, "client-id", str, f"client-{pid}" if pid >= 0 else "")
     if not cid:
         raise ConfigError("node config lacks 'client-id' (needed with 'data-dir')")
+    try:
+        check_client_id(cid, "node config 'client-id'")
+    except ProtocolError as e:
+        raise ConfigError(str(e)) from None
     slms = cfg.clients.slms
     slm = _get(node, "slm", str, str(slms[pid % len(slms)]) if pid >= 0 else "")
     if not slm:
@@ -143,8 +149,6 @@ def _materialise_partition(s: NodeSettings, cfg: RunConfig, task: TaskSpec) -> N
     """Simulation: write this node's partition to its data dir once (the same split as `crosslm run`)."""
     if (s.data_dir / "train.jsonl").is_file():
         return
-    from crosslm.run import prepare_data
-
     _, split = prepare_data(cfg)
     assert s.partition_id is not None
     write_split(s.data_dir / "test.jsonl", split.test[s.partition_id], task)
@@ -165,16 +169,7 @@ def load_client(context: Context) -> tuple[Client, NodeSettings]:
         _read_split(s.data_dir / "global_test.jsonl", task, False),
     )
     index = s.partition_id if s.partition_id is not None else zlib.crc32(s.client_id.encode()) % 1000
-    client = Client(
-        s.client_id,
-        s.slm,
-        task,
-        data,
-        cfg.clients,
-        eval_batch_size=cfg.eval.batch_size,
-        max_payload_bytes=int(cfg.federation.max_payload_mb * 1024 * 1024),
-        seed=cfg.seed * 101 + index,
-    )
+    client = build_client(cfg, task, s.client_id, s.slm, data, index)
     client.restore(s.work_dir / "model")
     return client, s
 

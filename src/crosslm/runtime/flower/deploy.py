@@ -184,17 +184,23 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after the command name (state first), or None when there is no process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_bytes().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        stat = _proc_stat(int(d))
+        if stat is None or len(stat) < 2:
             continue
-        children.setdefault(ppid, []).append(int(d))
+        children.setdefault(int(stat[1]), []).append(int(d))
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -203,11 +209,23 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().split(b")")[-1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+def _identity(pid: int) -> tuple[int, str] | None:
+    """(pid, start time): a pid is reused by the kernel, the pair is not."""
+    stat = _proc_stat(pid)
+    return (pid, stat[19]) if stat and len(stat) > 19 else None
+
+
+def _alive(proc: int | tuple[int, str]) -> bool:
+    """A running (not zombie) process; given an `_identity`, the same process that was recorded."""
+    pid, start = proc if isinstance(proc, tuple) else (proc, None)
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z" and (start is None or (len(stat) > 19 and stat[19] == start))
+
+
+def _signal(proc: tuple[int, str], sig: int) -> None:
+    if _alive(proc):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc[0], sig)
 
 
 @dataclass
@@ -219,14 +237,20 @@ class NodeSpec:
 
 
 class LocalDeployment:
-    """A SuperLink and SuperNodes as real processes on this machine; every one is stopped by `stop_all`."""
+    """A SuperLink and SuperNodes as real processes on this machine, all in one process group.
+
+    Flower starts helpers of its own (each SuperNode's and the SuperLink's `flower-superexec`, the
+    ServerApp), some in sessions of their own; `track` records every process each component started, so
+    a component that dies (a crashed SuperNode) does not leave them running, and `stop_all` ends the
+    group and every recorded process."""
 
     def __init__(self, workdir: Path, *, tls: bool = True, port: int = 0, pki: Path | None = None):
         self.workdir = Path(workdir).resolve()
         self.tls = tls
         self.port = port or free_port()
         self.pki = Path(pki).resolve() if pki else self.workdir / "pki"
-        self.procs: dict[str, tuple[subprocess.Popen, list[int]]] = {}
+        self.procs: dict[str, tuple[subprocess.Popen, set[tuple[int, str]]]] = {}
+        self.pgid: int | None = None  # the deployment's process group
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.conn = "crosslm-local"
@@ -253,17 +277,48 @@ class LocalDeployment:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         log.write(f"\n===== {time.ctime()} {' '.join(cmd)}\n".encode())
         log.flush()
+        group = self.pgid if self._group_alive() else None
         p = subprocess.Popen(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env(name),
             cwd=self.workdir,
-            start_new_session=True,
+            # the first process leads the group, out of the terminal's: Ctrl-C reaches crosslm alone,
+            # which then stops them all in order
+            start_new_session=group is None,
+            preexec_fn=None if group is None else (lambda: os.setpgid(0, group)),  # noqa: PLW1509
         )
         log.close()
-        self.procs[name] = (p, [])
+        if group is None:
+            self.pgid = p.pid
+        self.procs[name] = (p, set())
         return p
+
+    def _group_alive(self) -> bool:
+        if self.pgid is None:
+            return False
+        for p, _ in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                if p.poll() is None and os.getpgid(p.pid) == self.pgid:
+                    return True
+        return False
+
+    def track(self) -> list[str]:
+        """Record every process each running component has started; for a component that has died, end
+        what it left behind. Returns the names of the components found dead."""
+        dead = []
+        for name, (p, known) in self.procs.items():
+            if p.poll() is None:
+                known.update(i for i in map(_identity, _descendants(p.pid)) if i is not None)
+                continue
+            left = [k for k in known if _alive(k)]
+            for k in left:
+                _signal(k, signal.SIGKILL)
+            if left or known:
+                dead.append(name)
+            known.clear()
+        return dead
 
     def log_text(self, name: str) -> str:
         path = self.logs / f"{name}.log"
@@ -373,6 +428,7 @@ class LocalDeployment:
             st = self.status(run_id)
             if st.startswith("finished"):
                 return st
+            self.track()
             if on_poll:
                 on_poll()
             time.sleep(poll)
@@ -385,33 +441,48 @@ class LocalDeployment:
 
     # -- shutdown ------------------------------------------------------------------------------------
     def kill(self, name: str, sig: int = signal.SIGTERM, wait: float = 15) -> None:
-        """Signal a component's process group, then every process it started (some run in their own
-        session, e.g. the SuperLink's executor and the ServerApp)."""
+        """Signal one component and every process it started; SIGKILL what is still there after `wait`."""
         entry = self.procs.get(name)
         if entry is None:
             return
-        p = entry[0]
-        desc = _descendants(p.pid)
+        p, known = entry
         if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-            try:
-                p.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=5)
-        deadline = time.monotonic() + (0 if sig == signal.SIGKILL else 3)
-        while time.monotonic() < deadline and any(_alive(d) for d in desc):
-            time.sleep(0.1)
-        for d in desc:
-            if _alive(d):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(d, signal.SIGKILL if sig == signal.SIGKILL else signal.SIGTERM)
+            known.update(i for i in map(_identity, _descendants(p.pid)) if i is not None)
+        procs = [i for i in [_identity(p.pid), *known] if i is not None]
+        for i in procs:
+            _signal(i, sig)
+        self._wait_gone(procs, 0 if sig == signal.SIGKILL else wait)
+        p.poll()
+        known.clear()
 
-    def stop_all(self) -> None:
-        for name in [n for n in self.procs if n != "superlink"]:
-            self.kill(name)
-        self.kill("superlink")
+    @staticmethod
+    def _wait_gone(procs: list[tuple[int, str]], wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(i) for i in procs):
+            time.sleep(0.1)
+        for i in procs:
+            _signal(i, signal.SIGKILL)
+
+    def stop_all(self, wait: float = 20) -> None:
+        """SIGTERM the group and every recorded process (the ServerApp closes its run on it), then SIGKILL
+        whatever is left after `wait` seconds."""
+        self.track()
+        procs: list[tuple[int, str]] = []
+        for p, known in self.procs.values():
+            procs += [i for i in [_identity(p.pid), *known] if i is not None]
+        if self.pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGTERM)
+        for i in procs:
+            _signal(i, signal.SIGTERM)
+        self._wait_gone(procs, wait)
+        if self.pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
+        for p, known in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+            known.clear()
 
 
 # -------------------------------------------------------------------------------- the one command
@@ -420,7 +491,7 @@ def loopback(cfg: RunConfig, run_dir: Path) -> tuple[LocalDeployment, list[NodeS
     fl = Path(run_dir) / "flower"
     names = [f"client-{k}" for k in range(cfg.data.num_clients)]
     tls = not cfg.flower.insecure
-    if tls:
+    if tls and not all((fl / "pki" / n).is_file() for n in ["ca.crt", *names]):  # a resumed run keeps its own
         generate_pki(fl / "pki", names)
     dep = LocalDeployment(fl, tls=tls, port=cfg.flower.port)
     specs = [
@@ -445,25 +516,28 @@ def loopback_node_config(cfg: RunConfig, run_dir: Path, k: int) -> dict[str, Any
     return node
 
 
-def run_local(cfg: RunConfig) -> Path:
-    """`crosslm flower local`: the whole CrossLM run on a loopback Flower deployment."""
+def run_local(cfg: RunConfig, resume: Path | None = None) -> Path:
+    """`crosslm flower local`: the whole CrossLM run on a loopback Flower deployment. With `resume` (a run
+    directory whose `flower local` was killed or interrupted), the same nodes, keys and SuperLink state
+    come back and the ServerApp continues from the run's checkpoint."""
     from tqdm.auto import tqdm
 
     from crosslm.evaluation.report import summary_table, write_report
     from crosslm.io import read_jsonl
-    from crosslm.run import make_run_dir, prepare_data
+    from crosslm.lifecycle import check_runtime, close_stopped_run, make_run_dir, prepare_data
 
+    check_runtime(cfg, "flower")
     task, _ = prepare_data(cfg)  # fails early, with a clear message, on a bad dataset
-    run_dir = make_run_dir(cfg).resolve()
+    run_dir = Path(resume).resolve() if resume else make_run_dir(cfg).resolve()
     fl = run_dir / "flower"
     dep, specs = loopback(cfg, run_dir)
     run_config = write_run_config(fl / "run_config.toml", cfg, task, run_dir)
     status, run_id = "not started", -1
+    metrics = run_dir / "metrics.jsonl"
     try:
         dep.start(specs)
         run_id = dep.submit(run_config)
         bar = tqdm(total=cfg.federation.updates, desc=f"CrossLM over Flower (run {run_id})", unit="update")
-        metrics = run_dir / "metrics.jsonl"
 
         def progress() -> None:
             if metrics.exists():
@@ -473,10 +547,17 @@ def run_local(cfg: RunConfig) -> Path:
         status = dep.wait(run_id, timeout=24 * 3600, on_poll=progress)
         progress()
         bar.close()
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
         if run_id >= 0:
-            atomic_write_text(fl / "logs" / "serverapp.log", dep.server_log(run_id))
-        dep.stop_all()
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                atomic_write_text(fl / "logs" / "serverapp.log", dep.server_log(run_id))
+        dep.stop_all()  # SIGTERM first: a running ServerApp closes its run itself
+        if status != "finished:completed" and metrics.exists():
+            close_stopped_run(run_dir, cfg, reason="interrupted" if status == "interrupted" else "error")
+            print(f"\nresume this run with: crosslm flower local --resume {run_dir}", file=sys.stderr)
     if status != "finished:completed":
         raise CrossLMError(
             f"the Flower run ended as '{status}'; see {fl / 'logs'} (serverapp.log, superlink.log, client-*.log)"
@@ -486,7 +567,7 @@ def run_local(cfg: RunConfig) -> Path:
         src = run_dir / "nodes" / spec.name / "model"
         if src.is_dir():
             shutil.copytree(src, run_dir / "clients" / spec.name, dirs_exist_ok=True)
-    events = read_jsonl(run_dir / "metrics.jsonl")
+    events = read_jsonl(metrics)
     write_report(run_dir, events, cfg.to_dict())
     print(summary_table(events))
     print(f"\nrun directory: {run_dir}\nreport: {run_dir / 'report.md'}")

@@ -71,9 +71,15 @@ def unpack_wire(rd: RecordDict, max_bytes: int, *, with_report: bool = False) ->
     return wire
 
 
-def unpack_report(rd: RecordDict, client_id: str | None = None, *, with_wire: bool = False) -> dict[str, Any]:
+def unpack_report(
+    rd: RecordDict,
+    client_id: str | None = None,
+    *,
+    with_wire: bool = False,
+    expected_event: str | None = None,
+) -> dict[str, Any]:
     _only(rd, {HEADER, PAYLOAD, REPORT} if with_wire else {REPORT})
-    return validate_report(_json(rd, REPORT), client_id=client_id)
+    return validate_report(_json(rd, REPORT), client_id=client_id, expected_event=expected_event)
 
 
 def unpack_request(rd: RecordDict) -> dict[str, Any]:

@@ -13,6 +13,7 @@ so a killed server resumes where it stopped (`run-dir` with a checkpoint = resum
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,17 +25,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from crosslm.catalogue.datasets import load_general_text
-from crosslm.config import RunConfig, save_config
+from crosslm import interrupts
+from crosslm.config import RunConfig
 from crosslm.errors import ConfigError, CrossLMError, ProtocolError
 from crosslm.io import JsonlWriter
-from crosslm.precision import machine_info
+from crosslm.lifecycle import RunSession
+from crosslm.protocol import check_client_id
 from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_report, unpack_wire
 from crosslm.server.checkpoint import ServerCheckpoint
 from crosslm.server.server import CrossLMServer
 
 TRAIN, ENHANCED, EVALUATE = "train", "query.enhanced", "evaluate"
+# The report kind each message's reply must carry: a node cannot answer `train` with a `client_eval`.
+REPLY_EVENT = {TRAIN: "client_trained", ENHANCED: "enhanced", EVALUATE: "client_eval"}
 
 
 class GridLike(Protocol):
@@ -181,10 +185,27 @@ class AsyncLoop:
             self.handle(rep)
         return len(replies)
 
-    def handle(self, rep: Any) -> None:
-        info = self.inflight.pop(rep.metadata.reply_to_message_id, None)
+    def handle(self, rep: Any, info: Inflight | None = None) -> None:
+        """Handle one reply. Whatever a node sends, a failure here refuses that message with a logged
+        reason and never stops the server."""
+        if info is None:
+            info = self.inflight.pop(rep.metadata.reply_to_message_id, None)
         if info is None:
             return  # a reply we stopped waiting for (timed out): already logged
+        try:
+            self._handle(rep, info)
+        except Exception as e:  # noqa: BLE001 - one message must never stop the server
+            self.log(
+                {
+                    "event": "message_refused",
+                    "node": info.node,
+                    "client": info.client,
+                    "kind": info.kind,
+                    "reason": f"{type(e).__name__} while handling the reply: {' '.join(str(e).split())[:300]}",
+                }
+            )
+
+    def _handle(self, rep: Any, info: Inflight) -> None:
         node, waited = info.node, round(self.clock() - info.sent, 2)
         if rep.has_error():
             unavailable = rep.error.code == ErrorCode.NODE_UNAVAILABLE
@@ -221,8 +242,17 @@ class AsyncLoop:
         }
         try:
             wire = unpack_wire(content, self.server.max_bytes, with_report=True)
-            sender = self._sender(node, wire)
-            report = unpack_report(content, sender, with_wire=True)
+            header = json.loads(wire.header)  # unpack_wire checked it is a JSON object
+            sender = self._sender(node, header)
+            report = unpack_report(content, sender, with_wire=True, expected_event=REPLY_EVENT[TRAIN])
+            if (report.get("round"), report.get("base_version")) != (
+                header.get("version"),
+                header.get("base_version"),
+            ):
+                raise ProtocolError(
+                    f"report round/base_version ({report.get('round')}, {report.get('base_version')}) "
+                    "disagree with the upload's version/base_version"
+                )
         except ProtocolError as e:
             self.log(
                 {
@@ -245,18 +275,13 @@ class AsyncLoop:
             self.ckpt.store_upload(sender, int(event["round"]), wire)
             self.save_checkpoint()
 
-    def _sender(self, node: int, wire: Any) -> str:
+    def _sender(self, node: int, header: dict[str, Any]) -> str:
         """The client id this node may speak for: bound at its first accepted upload. A new node may take
         over an id only while the id's old node is offline (a node that re-registered under a new key)."""
         bound = self.node_client.get(node)
         if bound is not None:
             return bound
-        try:
-            claimed = json.loads(wire.header).get("client_id")
-        except (json.JSONDecodeError, AttributeError):
-            raise ProtocolError("upload header is not a JSON object") from None
-        if not isinstance(claimed, str) or not claimed:
-            raise ProtocolError("upload header lacks a client_id")
+        claimed = check_client_id(header.get("client_id"), "upload header's client_id")
         owner = self._client_node(claimed)
         if owner is not None and owner in self._online():
             raise ProtocolError(f"client id '{claimed}' already belongs to online node {owner}")
@@ -264,7 +289,7 @@ class AsyncLoop:
 
     def _handle_report(self, node: int, info: Inflight, content: RecordDict) -> None:
         try:
-            report = unpack_report(content, self.node_client.get(node))
+            report = unpack_report(content, self.node_client.get(node), expected_event=REPLY_EVENT[info.kind])
         except ProtocolError as e:
             self.log({"event": "report_rejected", "node": node, "kind": info.kind, "reason": str(e)})
             return
@@ -276,7 +301,7 @@ class AsyncLoop:
                 "round_trip": round(self.clock() - info.sent, 2),
             }
         )
-        if info.kind == ENHANCED and report["event"] == "enhanced":
+        if info.kind == ENHANCED:
             self.ckpt.delivered(report["client"])
             self.save_checkpoint()
 
@@ -297,7 +322,28 @@ class AsyncLoop:
                 )
 
     def server_update(self) -> None:
-        responses = self.server.step()
+        """One server update, run in a worker thread while this thread keeps watching the grid: node loss
+        and error replies are noticed during the update, and replies that change the server's state are
+        handled, in arrival order, once it is done."""
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["responses"] = self.server.step()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the loop's thread below
+                result["error"] = e
+
+        worker = threading.Thread(target=work, name="crosslm-server-update", daemon=True)
+        worker.start()
+        deferred: list[tuple[Any, Inflight]] = []
+        while True:
+            worker.join(self.fl.poll_interval)
+            if not worker.is_alive():
+                break
+            self.watch(deferred)
+        if "error" in result:
+            raise result["error"]
+        responses = result["responses"]
         for cid, wire in responses:
             self.ckpt.store_outgoing(cid, self.server.update, wire)
         self.save_checkpoint()
@@ -305,6 +351,23 @@ class AsyncLoop:
             node = self._client_node(cid)
             if node is not None:
                 self.waiting.discard(node)  # assign_work delivers the outbox entry, then the next train
+        for rep, info in sorted(deferred, key=lambda d: d[0].metadata.created_at):
+            self.handle(rep, info)
+
+    def watch(self, deferred: list[tuple[Any, Inflight]]) -> None:
+        """While an update runs: give idle nodes work, notice lost nodes and error replies at once, keep
+        every other reply in `deferred` (it would touch the server's state), and drop stragglers."""
+        self.assign_work()
+        if self.inflight:
+            for rep in self.grid.pull_messages(list(self.inflight)):
+                info = self.inflight.pop(rep.metadata.reply_to_message_id, None)
+                if info is None:
+                    continue
+                if rep.has_error():
+                    self.handle(rep, info)
+                else:
+                    deferred.append((rep, info))
+        self.sweep_timeouts()
 
     def finish(self) -> None:
         """Deliver the last enhanced SLMs and collect each client's final evaluation."""
@@ -361,38 +424,28 @@ def check_resumable(saved: Path, cfg: RunConfig) -> None:
 
 
 def serve(
-    grid: GridLike, cfg: RunConfig, run_dir: Path, new_message: MessageFactory = flower_message
+    grid: GridLike,
+    cfg: RunConfig,
+    run_dir: Path,
+    new_message: MessageFactory = flower_message,
+    **loop_options: Any,
 ) -> None:
-    """One CrossLM run (or its resumption) over `grid`; writes the same run directory as `crosslm run`."""
-    from crosslm.run import RunLog, build_server, close_run, log_perplexity, prepare_data, setup_torch
-
-    setup_torch(cfg)
-    task, split = prepare_data(cfg)
-    general = load_general_text()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """One CrossLM run (or its resumption) over `grid`; writes the same run directory as `crosslm run`.
+    `loop_options` (clock, sleep) go to the `AsyncLoop`: a simulated grid brings its own clock."""
+    interrupts.install()  # SIGINT / SIGTERM: close the run with a report marked interrupted
     ckpt = ServerCheckpoint(run_dir / "checkpoint")
     state = ckpt.load_state() if ckpt.exists() else None
     if state is not None:
         check_resumable(run_dir / "config.yaml", cfg)
-    save_config(cfg, run_dir / "config.yaml")
-    log = RunLog(run_dir / "metrics.jsonl", keep_lines=state["log_lines"] if state else 0)
-    synthetic = JsonlWriter(run_dir / "synthetic.jsonl", keep_lines=state["synthetic_lines"] if state else 0)
-    completed = False
-    server: CrossLMServer | None = None
+    session = RunSession(cfg, run_dir, runtime="flower", resume_state=state)
+    log, synthetic = session.log, session.synthetic
+    completed = interrupted = False
     try:
-        server = build_server(cfg, task, split.global_test, log, synthetic)
+        server = session.build_server()
         if state is not None:
             ckpt.restore(server)
-            loop = AsyncLoop(
-                grid,
-                server,
-                cfg,
-                log,
-                ckpt,
-                synthetic,
-                new_message=new_message,
-                runtime_state=state["runtime"],
-            )
+            loop = AsyncLoop(grid, server, cfg, log, ckpt, synthetic, new_message=new_message,
+                             runtime_state=state["runtime"], **loop_options)  # fmt: skip
             log(
                 {
                     "event": "resumed",
@@ -404,39 +457,21 @@ def serve(
             )
             loop.wait_for_nodes()
         else:
-            log(
-                {
-                    "event": "run_start",
-                    "seed": cfg.seed,
-                    "dataset": cfg.data.dataset,
-                    "labels": list(task.labels),
-                    "task_wording": task.wording(),
-                    "llm": cfg.llm.model,
-                    "runtime": "flower",
-                    "machine": machine_info(),
-                    "clients": [],
-                }
-            )
-            loop = AsyncLoop(grid, server, cfg, log, ckpt, synthetic, new_message=new_message)
+            session.log_start([])
+            loop = AsyncLoop(grid, server, cfg, log, ckpt, synthetic, new_message=new_message, **loop_options)
             loop.wait_for_nodes()
             loop.assign_work()  # clients train while the server measures its starting point
-            log_perplexity(log, server, general, "start")
-            server.evaluate_llm(0)
+            session.measure_start()
             loop.save_checkpoint()
         loop.run()
-        log_perplexity(log, server, general, "end")
-        server.save_adapter(run_dir / "llm_adapter")
+        session.measure_end()
+        session.save_adapter()
         completed = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        close_run(
-            run_dir,
-            log,
-            synthetic,
-            cfg,
-            updates=server.update if server else 0,
-            completed=completed,
-            interrupted=False,
-        )
+        session.close(completed=completed, interrupted=interrupted)
 
 
 @app.main()
