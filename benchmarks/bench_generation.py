@@ -1,4 +1,4 @@
-"""Benchmark: synthetic-data generation speed against this machine's matmul roofline (issue "Speed").
+"""Benchmark: synthetic-data generation speed against this machine's matmul roofline.
 
 Measures, in one run on one machine, on the same model, prompts and sampling settings:
 - matmul probes (2048x2048, float32 and bfloat16): the roofline of this run;

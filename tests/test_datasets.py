@@ -56,7 +56,7 @@ def test_catalogue_details() -> None:
     assert "\n" not in "".join(bbc.texts)
     task, trec = load_task_data(DataConfig(dataset="trec"))
     assert task.verbalizer[0] == "Abbreviation"
-    # the prompt chosen on validation (docs/results.md, session 13): a question, with its type's question words
+    # the prompt chosen on validation (docs/results.md, "Levers tried"): a question, with its question words
     assert task.prompt_for(4) == (
         "Write one short trivia question that asks for a place, such as a city, a country, a river or a mountain "
         "(a 'Where ...?' question). Reply with the question only."

@@ -153,8 +153,9 @@ class FeedbackConfig:
     gamma: float = _f(0.7, "Staleness discount in (0,1]: w_j proportional to n_j * gamma^s_j.")
     prior_correction: str = _f(
         "pool",
-        "Pitfall 1: 'pool' (divide each SLM's probabilities by its mean over the label-balanced synthetic "
-        "pool), 'counts' (logit adjustment by the client's declared label counts) or 'none'.",
+        "Label-prior correction of each SLM's scores: 'pool' (divide each SLM's probabilities by its mean "
+        "over the label-balanced synthetic pool), 'counts' (logit adjustment by the client's declared "
+        "label counts) or 'none'.",
     )
     tau: float | str = _f(
         "auto",

@@ -18,7 +18,7 @@ class TaskSpec:
     descriptions: tuple[str, ...]
     """d(y): what the LLM is asked to write for each label, e.g. 'negative'."""
     verbalizer: tuple[str, ...]
-    """The label strings the LLM answers with when it classifies (capitalised: Pitfall 2)."""
+    """The label strings the LLM answers with when it classifies (capitalised, against label-word bias)."""
     generation_prompt: str
     """P(y): user message with {description}, e.g. 'Write a short {description} movie review.'"""
     classification_prompt: str

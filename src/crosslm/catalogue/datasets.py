@@ -130,7 +130,7 @@ _TREC = TaskSpec(
     labels=_TREC_CODES,
     # Each description names the question words of its type: with the bare answer types ("a location"),
     # the 135M default LLM rarely wrote a question at all (judge fidelity 43.7 % on validation, against
-    # 59.7 % with these; docs/results.md, session 13).
+    # 59.7 % with these; docs/results.md, "Levers tried").
     descriptions=(
         "what an abbreviation or acronym stands for (a 'What does ... stand for?' question)",
         "a definition, an explanation or a reason (a 'What is ...?', 'Why ...?' or 'How does ...?' question)",

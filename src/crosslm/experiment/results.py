@@ -367,7 +367,7 @@ def _task_mean(rows: list[dict], method: str, key: str, task: str) -> float:
 
 
 def targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    """The issue's targets, each with the measured numbers and met / missed."""
+    """The project's targets, each with the measured numbers and met / missed."""
 
     def avg(method: str, key: str) -> float:
         return _mean([_task_mean(rows, method, key, t) for t in tasks])

@@ -1,4 +1,4 @@
-"""Fast batched sampling for synthetic-data generation (issue "Speed").
+"""Fast batched sampling for synthetic-data generation, so that the main job fits its CPU time budget.
 
 Plain `model.generate` spends most of a CPU step outside the model: it re-runs each prompt's prefill for
 every row, grows its KV cache by concatenation, keeps computing finished rows, and sorts the whole

@@ -2,7 +2,7 @@
 
 q(x, y) = sum_j w_j p_j(y | x) over the latest SLM of each client, w_j proportional to n_j * gamma^s_j.
 
-Pitfall 1: an SLM trained on label-skewed data scores toward its majority labels. Each client's
+Label-prior correction: an SLM trained on label-skewed data scores toward its majority labels. Each client's
 probabilities are prior-corrected before they are combined, and S+ is selected per label so that it stays
 class-balanced. Two corrections are available:
 - "counts": logit adjustment, logits - log prior_j, with prior_j from the label counts client j declares.

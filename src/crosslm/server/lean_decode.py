@@ -1,4 +1,4 @@
-"""One decode step of a Llama-family model in plain torch, for the CPU sampler (issue "Speed").
+"""One decode step of a Llama-family model in plain torch, for the CPU sampler (generation speed).
 
 At 48 rows SmolLM2-135M spends about a third of a decode step outside its matrix products, most of it in
 the Python of `model.forward`: per-layer module calls, mask construction, the cache's bookkeeping and

@@ -1,4 +1,4 @@
-"""The LLM as a classifier: score each whole label string as the assistant's answer (Pitfall 2).
+"""The LLM as a classifier: score each whole label string as the assistant's answer (label-word bias).
 
 Raw prediction = argmax_c log p(verbalizer_c | prompt(x)). Small LLMs carry a strong label-word bias, so we
 also report contextual calibration (Zhao et al., 2021): divide by the label distribution the model gives
