@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from crosslm.errors import ConfigError
+from crosslm.experiment.grid import cells, load_experiment
 from crosslm.experiment.results import ZERO_SHOT, cell_row, mean_std, results_markdown
-from crosslm.experiment.runner import cells, load_experiment
 
 
 def _write(path, events):
@@ -122,7 +122,7 @@ def test_experiment_config_is_checked_before_anything_runs(tmp_path):
 
 
 def test_task_overrides_apply_to_their_task_only(tmp_path):
-    from crosslm.experiment.runner import cell_config
+    from crosslm.experiment.grid import cell_config
 
     exp = load_experiment(
         None,
@@ -139,7 +139,7 @@ def test_task_overrides_apply_to_their_task_only(tmp_path):
 
 def test_one_task_override_can_be_set_from_the_command_line(tmp_path):
     """--set task_overrides.TASK.KEY=V adds one key and keeps the file's other keys for that task."""
-    from crosslm.experiment.runner import cell_config
+    from crosslm.experiment.grid import cell_config
 
     path = tmp_path / "exp.yaml"
     path.write_text("tasks: [trec, bbc-news]\nseeds: [0]\nmethods: [crosslm]\n"
@@ -170,7 +170,7 @@ def test_the_shipped_grids_share_the_per_task_settings_chosen_on_validation():
 
 def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):
     from crosslm.config import load_config, save_config
-    from crosslm.experiment.runner import config_drift
+    from crosslm.experiment.grid import config_drift
 
     for method in ["crosslm", "standalone"]:
         save_config(
@@ -210,7 +210,7 @@ def test_auto_precision_is_compared_by_the_dtype_it_resolved_to(tmp_path, monkey
 
     import crosslm.precision
     from crosslm.config import PRECISION_KEYS, load_config, save_config
-    from crosslm.experiment.runner import config_drift
+    from crosslm.experiment.grid import config_drift
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     save_config(load_config(None, []), tmp_path / "config.yaml")  # every precision key: auto
@@ -244,9 +244,9 @@ def test_a_catalogue_prompt_edited_since_a_cell_ran_is_drift(tmp_path, monkeypat
 
     from crosslm.catalogue import datasets as cat
     from crosslm.config import load_config, save_config
-    from crosslm.experiment.runner import config_drift
+    from crosslm.experiment.grid import config_drift
 
-    monkeypatch.setattr("crosslm.experiment.runner._auto_dtype_here", lambda: None)
+    monkeypatch.setattr("crosslm.experiment.grid._auto_dtype_here", lambda: None)
     trec = cat.DATASETS["trec"]
     ran_with = trec.task.wording()
     for method in ["kd-no-feedback", "standalone"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,9 +18,9 @@ import pytest
 from crosslm.config import load_config
 from crosslm.errors import CrossLMError
 from crosslm.io import read_jsonl
-from crosslm.protocol import SLMUpload, validate_report
 from crosslm.lifecycle import make_run_dir, prepare_data
-from crosslm.runtime.flower.deploy import NodeSpec, loopback, node_key, write_run_config
+from crosslm.protocol import SLMUpload, validate_report
+from crosslm.runtime.flower.deploy import NodeSpec, _alive, loopback, node_key, write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -152,7 +153,13 @@ def test_a_killed_supernode_is_survived_and_rejoins(tmp_path):
             return [e for e in _events(run_dir, "upload") if e.get("client") == cid and e["accepted"]]
 
         _wait_for(lambda: uploaded("client-1"), 600, "client-1's first upload")
-        dep.kill("client-1", signal.SIGKILL)  # a crash: no goodbye to the SuperLink
+        dep.track()
+        node, helpers = dep.procs["client-1"][0], set(dep.procs["client-1"][1])
+        os.kill(node.pid, signal.SIGKILL)  # a crash from outside: no goodbye to the SuperLink
+        node.wait()
+        assert helpers and "client-1" in dep.track()  # Flower's helpers it left behind are ended
+        time.sleep(0.5)
+        assert not [h for h in helpers if _alive(h)]
         killed_at = _events(run_dir)[-1]["t"]
         rounds_before = max(e["round"] for e in uploaded("client-1"))
         # the server notices (missed heartbeats, or an error reply to a message it sent) and goes on
@@ -229,3 +236,60 @@ def test_a_killed_server_resumes_from_its_checkpoint(tmp_path):
     updates = [e["update"] for e in _events(run_dir, "server_update")]
     assert updates == list(range(1, 5)), updates  # continued; nothing repeated or skipped
     assert _events(run_dir)[-1]["reason"] == "completed"
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Processes whose command line or environment names the run directory (every Flower process that
+    `flower local` starts has its FLWR_HOME under it)."""
+    needle, found = str(run_dir).encode(), []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            text = Path(f"/proc/{d}/cmdline").read_bytes() + Path(f"/proc/{d}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in text and _alive(int(d)):
+            found.append(int(d))
+    return found
+
+
+def test_flower_local_closes_on_sigterm_leaves_nothing_running_and_resumes(tmp_path):
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "name=sig", "--set", "federation.updates=3",
+            "--set", "flower.node_delays=[0,5]"]  # fmt: skip
+    cli = [sys.executable, "-m", "crosslm.cli", "flower", "local"]
+    run_dir = tmp_path / "sig"
+    p = subprocess.Popen([*cli, "configs/tiny.yaml", *sets], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for(lambda: _checkpointed_update(run_dir) >= 1, 900, "a checkpointed server update")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert f"--resume {run_dir}" in err
+    end = _events(run_dir)[-1]
+    assert end["event"] == "run_end" and end["interrupted"] is True
+    assert "interrupted" in (run_dir / "report.md").read_text()
+    assert _processes_of(run_dir) == []  # the whole deployment is gone
+
+    res = subprocess.run([*cli, "--resume", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    ev = _events(run_dir)
+    assert [e["update"] for e in ev if e["event"] == "server_update"] == [1, 2, 3]  # nothing repeated
+    assert [e["event"] for e in ev].count("run_end") == 1 and ev[-1]["reason"] == "completed"
+    assert _events(run_dir, "resumed")
+    assert _processes_of(run_dir) == []
+
+
+def test_centralized_is_refused_by_flower_local(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "crosslm.cli", "flower", "local", "configs/tiny.yaml", "--set", "method=centralized",
+         "--set", f"output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2 and "pooled data" in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything was written

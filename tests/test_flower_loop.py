@@ -18,8 +18,8 @@ from flwr.common.constant import ErrorCode
 
 from crosslm.config import RunConfig
 from crosslm.io import JsonlWriter, read_jsonl
-from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, encode, model_config_dict
 from crosslm.lifecycle import RunLog
+from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, encode, model_config_dict
 from crosslm.runtime.flower.payload import pack, unpack_wire
 from crosslm.runtime.flower.server_app import ENHANCED, TRAIN, AsyncLoop
 from crosslm.server.checkpoint import ServerCheckpoint

@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "flower":
             _flower(args)
         elif args.command == "experiment":
+            from crosslm.experiment.grid import load_experiment
             from crosslm.experiment.results import write_results
-            from crosslm.experiment.runner import load_experiment, run_experiment
+            from crosslm.experiment.runner import run_experiment
 
             exp = load_experiment(args.config, args.overrides)
             root = (

@@ -18,17 +18,9 @@ from typing import Any
 import yaml
 
 from crosslm.errors import ConfigError
+from crosslm.methods import METHOD_NAMES, METHODS
 from crosslm.precision import COMPUTE_DTYPES, DEVICE_NAME
 
-METHOD_NAMES = (
-    "crosslm",
-    "crosslm-no-qg",
-    "crosslm-no-pr",
-    "kd-no-feedback",
-    "fedavg",
-    "standalone",
-    "centralized",
-)
 MISSING_LABEL_RULES = ("empty", "skip", "fill")
 """What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 TAU_AUTO_FACTOR = 1.2
@@ -41,10 +33,10 @@ PRECISION_KEYS = (
     "distill.autocast",
 )
 """The keys naming a compute dtype (COMPUTE_DTYPES). Their `auto` resolves per machine, so a finished
-cell's `auto` is compared by what it resolved to (crosslm.experiment.runner.config_drift)."""
+cell's `auto` is compared by what it resolved to (crosslm.experiment.grid.config_drift)."""
 
 
-def _f(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
     """A dataclass field with help text (shown by `crosslm run --help-config`)."""
     if isinstance(default, list | dict):
         return field(
@@ -55,61 +47,63 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f(
+    dataset: str = option(
         "rotten-tomatoes",
         "Catalogue name (see `crosslm datasets`), a Hugging Face dataset id, or a local CSV/JSONL/Parquet file.",
     )
-    text_column: str = _f("text", "Text column, for Hugging Face ids and local files.")
-    label_column: str = _f("label", "Label column, for Hugging Face ids and local files.")
-    hf_split: str = _f("train", "Split to read from a Hugging Face dataset id.")
-    label_descriptions: dict = _f(
+    text_column: str = option("text", "Text column, for Hugging Face ids and local files.")
+    label_column: str = option("label", "Label column, for Hugging Face ids and local files.")
+    hf_split: str = option("train", "Split to read from a Hugging Face dataset id.")
+    label_descriptions: dict = option(
         {}, "Optional label -> description d(y) used in generation prompts (non-catalogue datasets)."
     )
-    generation_prompt: str = _f(
+    generation_prompt: str = option(
         "", "Optional generation prompt template with {description}; empty = the task's default."
     )
-    num_clients: int = _f(4, "Number of clients K.")
-    dirichlet_alpha: float = _f(
+    num_clients: int = option(4, "Number of clients K.")
+    dirichlet_alpha: float = option(
         0.5, "Label skew: Dirichlet(alpha) over labels per client; smaller = more skewed."
     )
-    train_per_client: int = _f(150, "Private training examples per client.")
-    test_per_client: int = _f(100, "Private test examples per client (same label mix as its training data).")
-    global_test_size: int = _f(500, "Size of the global test split, kept apart from every client.")
-    max_chars: int = _f(600, "Texts are cut to this many characters (long news articles).")
+    train_per_client: int = option(150, "Private training examples per client.")
+    test_per_client: int = option(
+        100, "Private test examples per client (same label mix as its training data)."
+    )
+    global_test_size: int = option(500, "Size of the global test split, kept apart from every client.")
+    max_chars: int = option(600, "Texts are cut to this many characters (long news articles).")
 
 
 @dataclass
 class ClientConfig:
-    slms: list = _f(
+    slms: list = option(
         ["minilm-l6", "minilm-l6", "minilm-l3", "minilm-l3"],
         "SLM per client (catalogue name, HF id or path); cycled if shorter than num_clients.",
     )
-    speeds: list = _f(
+    speeds: list = option(
         [1.0, 1.5, 2.5, 4.0],
         "Compute-time factor per client (virtual clock); cycled. Larger = slower.",
     )
-    network_delays: list = _f(
+    network_delays: list = option(
         [1.0, 2.0, 3.0, 5.0], "One-way network delay per client in virtual seconds; cycled."
     )
-    epochs: int = _f(5, "Local epochs E per local round.")
-    lr: float = _f(2e-4, "Local learning rate (AdamW).")
-    batch_size: int = _f(16, "Local batch size.")
-    max_length: int = _f(128, "SLM max tokens per text.")
-    upload_dtype: str = _f("float16", "Weight dtype on the wire: float16 or float32.")
-    autocast: str = _f(
+    epochs: int = option(5, "Local epochs E per local round.")
+    lr: float = option(2e-4, "Local learning rate (AdamW).")
+    batch_size: int = option(16, "Local batch size.")
+    max_length: int = option(128, "SLM max tokens per text.")
+    upload_dtype: str = option("float16", "Weight dtype on the wire: float16 or float32.")
+    autocast: str = option(
         "auto",
         "Local training compute dtype: float32, bfloat16 (torch autocast, float32 weights and optimizer), "
         "or auto (bfloat16 where it runs faster here).",
     )
-    device: str = _f(
+    device: str = option(
         "auto", "Where clients train and evaluate: auto (CUDA when available), cpu, cuda or cuda:N."
     )
-    logit_adjust: float = _f(
+    logit_adjust: float = option(
         0.0,
         "Logit adjustment t of local training: the loss sees logits + t * log(label prior of the client's "
         "data), so a label-skewed client is not pulled toward its majority labels (0 = plain cross-entropy).",
     )
-    extra_local_epochs: int = _f(
+    extra_local_epochs: int = option(
         0,
         "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
     )
@@ -117,16 +111,16 @@ class ClientConfig:
 
 @dataclass
 class LLMConfig:
-    model: str = _f("smollm2-135m-instruct", "Server LLM: catalogue name, HF id or local path.")
-    lora_r: int = _f(8, "LoRA rank.")
-    lora_alpha: int = _f(16, "LoRA alpha.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
-    lora_targets: list = _f(
+    model: str = option("smollm2-135m-instruct", "Server LLM: catalogue name, HF id or local path.")
+    lora_r: int = option(8, "LoRA rank.")
+    lora_alpha: int = option(16, "LoRA alpha.")
+    lora_dropout: float = option(0.0, "LoRA dropout.")
+    lora_targets: list = option(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "Module names that get a LoRA adapter.",
     )
-    max_text_tokens: int = _f(160, "Texts are cut to this many LLM tokens inside classification prompts.")
-    device: str = _f(
+    max_text_tokens: int = option(160, "Texts are cut to this many LLM tokens inside classification prompts.")
+    device: str = option(
         "auto",
         "Where the server computes (generation, tuning, evaluation, SLM scoring and distillation): auto "
         "(CUDA when available), cpu, cuda or cuda:N.",
@@ -135,13 +129,13 @@ class LLMConfig:
 
 @dataclass
 class GenerationConfig:
-    samples_per_label: int = _f(24, "N: samples generated per label per server update.")
-    batch_size: int = _f(128, "Generation batch size (rows sampled together).")
-    max_new_tokens: int = _f(64, "Max generated tokens per sample.")
-    temperature: float = _f(1.0, "Sampling temperature.")
-    top_p: float = _f(0.95, "Nucleus sampling p.")
-    min_words: int = _f(5, "Samples with fewer words are dropped.")
-    dtype: str = _f(
+    samples_per_label: int = option(24, "N: samples generated per label per server update.")
+    batch_size: int = option(128, "Generation batch size (rows sampled together).")
+    max_new_tokens: int = option(64, "Max generated tokens per sample.")
+    temperature: float = option(1.0, "Sampling temperature.")
+    top_p: float = option(0.95, "Nucleus sampling p.")
+    min_words: int = option(5, "Samples with fewer words are dropped.")
+    dtype: str = option(
         "auto",
         "Weights used for sampling: float32 (the model as trained), bfloat16, or auto (bfloat16 where a "
         "matmul probe on this machine runs it faster than float32).",
@@ -150,35 +144,35 @@ class GenerationConfig:
 
 @dataclass
 class FeedbackConfig:
-    gamma: float = _f(0.7, "Staleness discount in (0,1]: w_j proportional to n_j * gamma^s_j.")
-    prior_correction: str = _f(
+    gamma: float = option(0.7, "Staleness discount in (0,1]: w_j proportional to n_j * gamma^s_j.")
+    prior_correction: str = option(
         "pool",
         "Label-prior correction of each SLM's scores: 'pool' (divide each SLM's probabilities by its mean "
         "over the label-balanced synthetic pool), 'counts' (logit adjustment by the client's declared "
         "label counts) or 'none'.",
     )
-    tau: float | str = _f(
+    tau: float | str = option(
         "auto",
         "Quality threshold on q for S+ (and for the hard L_QG variant): a number in [0, 1], or auto = "
         "1.2 / number of labels (1.2x chance: 0.6 for two labels, 0.24 for five, 0.2 for six), the "
         "value the validation sweeps in docs/results.md chose on each task.",
     )
-    max_per_label: int = _f(200, "Cap on S+ examples per label (S+ is class-balanced).")
-    min_per_label: int = _f(
+    max_per_label: int = option(200, "Cap on S+ examples per label (S+ is class-balanced).")
+    min_per_label: int = option(
         0,
         "Floor on S+ examples per label: when the balanced count m is smaller (few samples qualify), every "
         "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off; "
         "24, one update's samples per label, for the experiment configs' bbc-news and trec; off for two-label "
         "rotten-tomatoes, where it fills S+ with texts the SLMs read as the other label; chosen on validation).",
     )
-    missing_labels: str = _f(
+    missing_labels: str = option(
         "fill",
         "When some label has no sample that qualifies for S+: 'empty' (S+ is empty: strict class balance), "
         "'skip' (S+ is balanced over the labels that have one; splus_per_label in metrics.jsonl shows the "
         "labels left out) or 'fill' (as skip, then each label left out gets its highest-q samples, so S+ "
         "keeps every label; chosen on the validation split, docs/results.md).",
     )
-    enabled: bool = _f(
+    enabled: bool = option(
         True,
         "False = data-free KD without feedback: no SLM scoring, S+ = every generated sample, hard labels.",
     )
@@ -190,19 +184,19 @@ class FeedbackConfig:
 
 @dataclass
 class TuneConfig:
-    steps: int = _f(6, "S: adapter optimisation steps per server update.")
-    batch_size: int = _f(8, "Generated samples per L_QG batch.")
-    micro_batch_size: int = _f(
+    steps: int = option(6, "S: adapter optimisation steps per server update.")
+    batch_size: int = option(8, "Generated samples per L_QG batch.")
+    micro_batch_size: int = option(
         4, "Sequences per forward/backward pass (gradient accumulation; saves memory)."
     )
-    task_batch_size: int = _f(4, "S+ examples per L_task batch.")
-    lr: float = _f(3e-4, "Adapter learning rate (AdamW).")
-    beta: float = _f(0.5, "Weight of the unlikelihood term for poor samples in L_QG.")
-    lambda_task: float = _f(1.0, "Weight of L_task (LLM as verbalizer classifier on S+).")
-    alpha: float = _f(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
-    hard: bool = _f(False, "Hard L_QG: q thresholded at tau.")
-    qg_weight: float = _f(1.0, "Weight of L_QG (0 = the 'without L_QG' ablation).")
-    autocast: str = _f(
+    task_batch_size: int = option(4, "S+ examples per L_task batch.")
+    lr: float = option(3e-4, "Adapter learning rate (AdamW).")
+    beta: float = option(0.5, "Weight of the unlikelihood term for poor samples in L_QG.")
+    lambda_task: float = option(1.0, "Weight of L_task (LLM as verbalizer classifier on S+).")
+    alpha: float = option(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
+    hard: bool = option(False, "Hard L_QG: q thresholded at tau.")
+    qg_weight: float = option(1.0, "Weight of L_QG (0 = the 'without L_QG' ablation).")
+    autocast: str = option(
         "auto",
         "Compute dtype of the tuning passes: float32, bfloat16 (torch autocast; the adapter and optimizer "
         "stay float32), or auto (bfloat16 where it runs faster here).",
@@ -211,22 +205,22 @@ class TuneConfig:
 
 @dataclass
 class DistillConfig:
-    epochs: int = _f(10, "Distillation epochs over S+ per enhancement.")
-    lr: float = _f(2e-4, "Distillation learning rate.")
-    batch_size: int = _f(16, "Distillation batch size.")
-    mu: float = _f(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
-    temperature: float = _f(2.0, "T: temperature of the ensemble's soft labels.")
-    autocast: str = _f("auto", "Distillation compute dtype: float32, bfloat16 (mixed precision) or auto.")
+    epochs: int = option(10, "Distillation epochs over S+ per enhancement.")
+    lr: float = option(2e-4, "Distillation learning rate.")
+    batch_size: int = option(16, "Distillation batch size.")
+    mu: float = option(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
+    temperature: float = option(2.0, "T: temperature of the ensemble's soft labels.")
+    autocast: str = option("auto", "Distillation compute dtype: float32, bfloat16 (mixed precision) or auto.")
 
 
 @dataclass
 class FederationConfig:
-    updates: int = _f(5, "U: the run ends after this many server updates.")
-    buffer_size: int = _f(1, "B: uploads per server update (1 = fully asynchronous).")
-    time_per_example: float = _f(0.05, "Virtual seconds per training example-epoch at speed 1.0.")
-    server_update_time: float = _f(30.0, "Virtual seconds one server update takes.")
-    max_payload_mb: float = _f(200.0, "Uploads larger than this are rejected.")
-    server_update: str = _f(
+    updates: int = option(5, "U: the run ends after this many server updates.")
+    buffer_size: int = option(1, "B: uploads per server update (1 = fully asynchronous).")
+    time_per_example: float = option(0.05, "Virtual seconds per training example-epoch at speed 1.0.")
+    server_update_time: float = option(30.0, "Virtual seconds one server update takes.")
+    max_payload_mb: float = option(200.0, "Uploads larger than this are rejected.")
+    server_update: str = option(
         "crosslm",
         "What a server update does: 'crosslm' (generate, feedback, tune, distil), 'fedavg' (average the "
         "latest SLMs of the same architecture) or 'none' (return each SLM unchanged: standalone).",
@@ -237,22 +231,24 @@ class FederationConfig:
 class FlowerConfig:
     """Settings of the Flower runtime (`crosslm flower ...`); the in-process runtime ignores them."""
 
-    straggler_timeout: float = _f(
+    straggler_timeout: float = option(
         1800.0, "Seconds the server waits for a node's reply; a later reply is dropped with a logged reason."
     )
-    message_ttl: float = _f(7200.0, "Flower message time-to-live in seconds (above the slowest local round).")
-    poll_interval: float = _f(0.5, "Seconds between the server's polls for replies.")
-    min_nodes: int = _f(1, "Online nodes needed before the server sends its first message.")
-    node_wait_timeout: float = _f(600.0, "Seconds to wait for min_nodes before giving up.")
-    port: int = _f(0, "SuperLink port of the loopback deployment; 0 = a free port.")
-    node_delays: list = _f(
+    message_ttl: float = option(
+        7200.0, "Flower message time-to-live in seconds (above the slowest local round)."
+    )
+    poll_interval: float = option(0.5, "Seconds between the server's polls for replies.")
+    min_nodes: int = option(1, "Online nodes needed before the server sends its first message.")
+    node_wait_timeout: float = option(600.0, "Seconds to wait for min_nodes before giving up.")
+    port: int = option(0, "SuperLink port of the loopback deployment; 0 = a free port.")
+    node_delays: list = option(
         [0.0], "Loopback deployment: extra seconds each node waits per local round (slower hardware); cycled."
     )
-    threads_per_node: int = _f(1, "Loopback deployment: torch threads per ClientApp process.")
-    insecure: bool = _f(
+    threads_per_node: int = option(1, "Loopback deployment: torch threads per ClientApp process.")
+    insecure: bool = option(
         False, "Loopback deployment without TLS and node authentication (for debugging only)."
     )
-    audit_outbox: bool = _f(
+    audit_outbox: bool = option(
         False,
         "Loopback deployment: each node keeps a copy of every message it sends (nodes/<id>/outbox-audit).",
     )
@@ -260,15 +256,15 @@ class FlowerConfig:
 
 @dataclass
 class EvalConfig:
-    llm_eval_size: int = _f(200, "Global-test examples used to measure the LLM's task accuracy.")
-    general_text_tokens: int = _f(8192, "Tokens of held-out general text for the LLM perplexity check.")
-    batch_size: int = _f(32, "Evaluation batch size.")
-    llm_dtype: str = _f(
+    llm_eval_size: int = option(200, "Global-test examples used to measure the LLM's task accuracy.")
+    general_text_tokens: int = option(8192, "Tokens of held-out general text for the LLM perplexity check.")
+    batch_size: int = option(32, "Evaluation batch size.")
+    llm_dtype: str = option(
         "auto",
         "Weights the LLM's task accuracy is measured with: float32 (the model as trained), bfloat16, or "
         "auto (bfloat16 where it runs faster here); the adapter is merged in either way.",
     )
-    split: str = _f(
+    split: str = option(
         "test",
         "Where global metrics are measured: test (the global test split, for reporting) or validation (a "
         "split of the same size drawn from the remaining data, for tuning settings honestly).",
@@ -277,15 +273,15 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    method: str = _f(
+    method: str = option(
         "crosslm",
         "Method preset (sets the keys it needs): crosslm, crosslm-no-qg, crosslm-no-pr, kd-no-feedback, "
         "fedavg, standalone, centralized. See crosslm/methods.py.",
     )
-    seed: int = _f(0, "Seed for partitioning, sampling, training and the virtual clock.")
-    output_dir: str = _f("runs", "Parent folder of run directories.")
-    name: str = _f("", "Run directory name; empty = <dataset>-<timestamp>.")
-    threads: int = _f(0, "torch threads; 0 = torch's default.")
+    seed: int = option(0, "Seed for partitioning, sampling, training and the virtual clock.")
+    output_dir: str = option("runs", "Parent folder of run directories.")
+    name: str = option("", "Run directory name; empty = <dataset>-<timestamp>.")
+    threads: int = option(0, "torch threads; 0 = torch's default.")
     data: DataConfig = field(default_factory=DataConfig)
     clients: ClientConfig = field(default_factory=ClientConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -365,7 +361,7 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+def unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1, cutoff=0.6)
     hint = ""
     if close:
@@ -399,7 +395,7 @@ def _apply(cfg: Any, data: dict[str, Any], where: str, prefix: str = "") -> None
     for key, value in data.items():
         full = prefix + str(key)
         if key not in names:
-            raise _unknown_key(full, all_keys(), where)
+            raise unknown_key_error(full, all_keys(), where)
         cur = getattr(cfg, key)
         if dataclasses.is_dataclass(cur):
             _apply(cur, value, where, full + ".")
@@ -445,8 +441,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, read_yaml(path, "config file"), f"config file '{path}'")
     for o in overrides or []:
         set_override(cfg, o)
-    from crosslm.methods import apply_method
-
     if cfg.method in METHOD_NAMES:
         apply_method(cfg)  # the method's defining keys win over the file and --set
     validate(cfg)
@@ -466,7 +460,7 @@ def validate(cfg: RunConfig) -> None:
 
     def need(cond: bool, key: str, expected: str) -> None:
         if not cond:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: expected {expected}.")
+            raise ConfigError(f"config key '{key}' = {get_key(cfg, key)!r}: expected {expected}.")
 
     d, c, g, fb, t, ds, fed = (
         cfg.data,
@@ -491,7 +485,7 @@ def validate(cfg: RunConfig) -> None:
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
     need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
     for key in PRECISION_KEYS:
-        need(_get(cfg, key) in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
+        need(get_key(cfg, key) in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
     for key, value in (("llm.device", cfg.llm.device), ("clients.device", c.device)):
         need(bool(DEVICE_NAME.fullmatch(str(value))), key, "auto, cpu, cuda or cuda:N")
     need(g.temperature > 0 and 0 < g.top_p <= 1, "generation.top_p", "temperature > 0 and top_p in (0, 1]")
@@ -538,9 +532,20 @@ def validate(cfg: RunConfig) -> None:
     need(all(float(x) >= 0 for x in fl.node_delays), "flower.node_delays", "non-negative numbers")
 
 
-def _get(cfg: Any, key: str) -> Any:
+def get_key(cfg: Any, key: str) -> Any:
+    """The value of a dotted key ("distill.epochs") of a config."""
     for part in key.split("."):
         cfg = getattr(cfg, part)
+    return cfg
+
+
+def apply_method(cfg: RunConfig) -> RunConfig:
+    """Set the keys of `cfg.method`'s preset (crosslm.methods) on `cfg`, in place, and return it. A value
+    naming another key ("distill.epochs") copies that key's value, so matched budgets follow the config."""
+    for key, value in METHODS[cfg.method].items():
+        if isinstance(value, str) and "." in value:
+            value = get_key(cfg, value)
+        set_override(cfg, f"{key}={value}")
     return cfg
 
 

@@ -1,6 +1,6 @@
 """The methods an experiment compares, each a preset of config keys over the same main job.
 
-A preset only sets the keys that define the method; everything else (data, models, budgets) stays as
+`crosslm.config.apply_method` sets a preset's keys on a config. A preset only sets the keys that define the method; everything else (data, models, budgets) stays as
 configured, so every method gets the same clients, the same local training and the same compute budget.
 
 crosslm          the full method: L_QG + lambda_task * L_task + alpha * L_PR, feedback-filtered S+, KD
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from crosslm.config import METHOD_NAMES
-
 METHODS: dict[str, dict[str, Any]] = {
     "crosslm": {},
     "crosslm-no-qg": {"tune.qg_weight": 0.0},
@@ -31,7 +29,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "centralized": {},
 }
 
-assert tuple(METHODS) == METHOD_NAMES
+METHOD_NAMES = tuple(METHODS)
 
 # Methods whose server never touches the LLM: it is not loaded, and their LLM row is the zero-shot one.
 WITHOUT_LLM = frozenset({"fedavg", "standalone", "centralized"})
@@ -54,15 +52,3 @@ UNREAD_KEYS: dict[str, tuple[str, ...]] = {
     **{m: _SERVER_LLM_KEYS for m in sorted(WITHOUT_LLM)},
     "centralized": (*_SERVER_LLM_KEYS, "clients.logit_adjust"),  # one SLM on the union: plain cross-entropy
 }
-
-
-def apply_method(cfg: Any) -> Any:
-    """Set the keys of `cfg.method` on `cfg` (in place) and return it. A value naming another key
-    ("distill.epochs") copies that key's value, so matched budgets follow the config."""
-    from crosslm.config import _get, set_override
-
-    for key, value in METHODS[cfg.method].items():
-        if isinstance(value, str) and "." in value:
-            value = _get(cfg, value)
-        set_override(cfg, f"{key}={value}")
-    return cfg

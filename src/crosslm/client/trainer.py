@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from crosslm import precision
 from crosslm.evaluation.metrics import classification_metrics
+from crosslm.progress import progress
 from crosslm.seeding import own_rng
 from crosslm.task import LabelledTexts
 
@@ -69,7 +69,7 @@ def fit(
         total_steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total_steps, 1))
         last = float("nan")
-        with tqdm(total=total_steps, desc=desc, leave=False, unit="step") as bar:
+        with progress(total=total_steps, desc=desc, leave=False, unit="step") as bar:
             for _ in range(epochs):
                 losses = []
                 for idx in _batches(len(texts), batch_size, gen):

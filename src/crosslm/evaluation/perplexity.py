@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from crosslm.precision import model_device
+from crosslm.progress import progress
 from crosslm.server.llm_text import continuation_logprobs, pair_batch
 
 
@@ -37,7 +37,7 @@ def perplexity(
     ids = ids[: max_tokens + 1]
     blocks = [ids[i : i + block] for i in range(0, len(ids) - 1, block) if len(ids[i : i + block]) > 1]
     nll, count = 0.0, 0
-    for s in tqdm(range(0, len(blocks), batch_size), desc="perplexity", leave=False):
+    for s in progress(range(0, len(blocks), batch_size), desc="perplexity", leave=False):
         chunk = blocks[s : s + batch_size]
         batch = pair_batch([b[:1] for b in chunk], [b[1:] for b in chunk], tokenizer.pad_token_id, device)
         logp = continuation_logprobs(model, batch)

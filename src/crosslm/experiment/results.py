@@ -148,7 +148,7 @@ def _fmt(m: float, s: float, scale: float = 100.0, digits: int = 1) -> str:
 
 def write_results(exp: Any, root: Path) -> Path:
     """Judge, measure and tabulate every finished cell of the experiment under `root`."""
-    from crosslm.experiment.runner import cell_config, cell_done, cell_name, cells, config_drift
+    from crosslm.experiment.grid import cell_config, cell_done, cell_name, cells, config_drift
 
     rows: list[dict[str, Any]] = []
     judges: dict[tuple[str, int], Any] = {}
@@ -407,7 +407,7 @@ def plot_curves(root: Path, exp: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crosslm.experiment.runner import cell_done, cell_name
+    from crosslm.experiment.grid import cell_done, cell_name
 
     (root / "plots").mkdir(exist_ok=True)
     for task in exp.tasks:

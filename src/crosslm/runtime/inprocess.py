@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from crosslm import interrupts
 from crosslm.client.client import Client
 from crosslm.config import ClientConfig, FederationConfig
+from crosslm.progress import progress
 from crosslm.protocol import WireMessage
 from crosslm.server.server import CrossLMServer
 
@@ -79,7 +78,7 @@ class InProcessRuntime:
     def run(self) -> None:
         for cid in self.clients:
             self._push(0.0, "start", cid)
-        self.bar = tqdm(total=self.fed.updates, desc="CrossLM server updates", unit="update")
+        self.bar = progress(total=self.fed.updates, desc="CrossLM server updates", unit="update")
         try:
             self._loop()
         finally:

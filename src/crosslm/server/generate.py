@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from crosslm.config import GenerationConfig
 from crosslm.precision import dtype_name, model_device, resolve_dtype
+from crosslm.progress import progress
 from crosslm.seeding import own_rng
 from crosslm.server.decoding import SnapshotCache, generation_model, sample_tokens
 from crosslm.server.llm_text import user_prompt_ids
@@ -89,7 +89,7 @@ def generate_samples(
         eos = tokenizer.eos_token_id
         kept: list[GeneratedSample] = []
         tokens = 0
-        with tqdm(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
+        with progress(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
             for s in range(0, len(jobs), cfg.batch_size):
                 labels = jobs[s : s + cfg.batch_size]
                 rows = sample_tokens(

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from crosslm import precision
 from crosslm.config import LLMConfig, TuneConfig
+from crosslm.progress import progress
 from crosslm.seeding import own_rng
 from crosslm.server.llm_text import (
     answer_ids,
@@ -77,7 +77,7 @@ def tune_adapter(
     device = precision.model_device(model)
     amp = precision.autocast(cfg.autocast, device)
     with own_rng(seed, device):  # LoRA dropout: from this update's seed alone
-        for _ in tqdm(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
+        for _ in progress(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
             rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
             conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
             n_tokens = sum(len(c) for c in conts)  # L_PR is a mean over all generated-token positions

@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from crosslm.evaluation.metrics import classification_metrics
 from crosslm.precision import model_device
+from crosslm.progress import progress as phase_progress
 from crosslm.server.llm_text import (
     answer_ids,
     cache_kwarg,
@@ -70,7 +70,7 @@ def _shared_prefix_scores(
     out = torch.empty(len(prompts), len(answers), device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc="LLM label scores", leave=False, disable=not progress):
+    for s in phase_progress(starts, desc="LLM label scores", leave=False, disable=not progress):
         idx = order[s : s + batch_size]
         rows = torch.tensor(idx, device=device)
         batch = pair_batch([[] for _ in idx], [prompts[i] for i in idx], pad_id, device)

@@ -520,11 +520,10 @@ def run_local(cfg: RunConfig, resume: Path | None = None) -> Path:
     """`crosslm flower local`: the whole CrossLM run on a loopback Flower deployment. With `resume` (a run
     directory whose `flower local` was killed or interrupted), the same nodes, keys and SuperLink state
     come back and the ServerApp continues from the run's checkpoint."""
-    from tqdm.auto import tqdm
-
     from crosslm.evaluation.report import summary_table, write_report
     from crosslm.io import read_jsonl
     from crosslm.lifecycle import check_runtime, close_stopped_run, make_run_dir, prepare_data
+    from crosslm.progress import progress
 
     check_runtime(cfg, "flower")
     task, _ = prepare_data(cfg)  # fails early, with a clear message, on a bad dataset
@@ -537,15 +536,17 @@ def run_local(cfg: RunConfig, resume: Path | None = None) -> Path:
     try:
         dep.start(specs)
         run_id = dep.submit(run_config)
-        bar = tqdm(total=cfg.federation.updates, desc=f"CrossLM over Flower (run {run_id})", unit="update")
+        bar = progress(
+            total=cfg.federation.updates, desc=f"CrossLM over Flower (run {run_id})", unit="update"
+        )
 
-        def progress() -> None:
+        def show_progress() -> None:
             if metrics.exists():
                 done = sum(1 for e in read_jsonl(metrics) if e.get("event") == "server_update")
                 bar.update(max(done - bar.n, 0))
 
-        status = dep.wait(run_id, timeout=24 * 3600, on_poll=progress)
-        progress()
+        status = dep.wait(run_id, timeout=24 * 3600, on_poll=show_progress)
+        show_progress()
         bar.close()
     except KeyboardInterrupt:
         status = "interrupted"
