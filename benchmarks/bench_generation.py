@@ -33,12 +33,12 @@ import torch
 
 from crosslm.catalogue.datasets import DATASETS
 from crosslm.catalogue.models import load_llm, load_slm
-from crosslm.client.trainer import train_supervised
 from crosslm.config import GenerationConfig, LLMConfig, TuneConfig
+from crosslm.modeling.llm_text import pair_batch, user_prompt_ids
+from crosslm.modeling.slm import train_supervised
 from crosslm.precision import resolve_device, resolve_dtype
 from crosslm.server.decoding import SnapshotCache, generation_model, sample_tokens
 from crosslm.server.generate import generate_samples
-from crosslm.server.llm_text import pair_batch, user_prompt_ids
 from crosslm.server.tune_llm import add_lora, tune_adapter
 from crosslm.task import LabelledTexts
 

@@ -88,3 +88,40 @@ def make_classifier(kind: str, vocab_size: int, num_labels: int = 2, seed: int =
     else:
         raise ValueError(kind)
     return AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def _toy_task():
+    from crosslm.task import TaskSpec
+
+    return TaskSpec(
+        name="toy",
+        labels=("neg", "pos"),
+        descriptions=("negative", "positive"),
+        verbalizer=("Negative", "Positive"),
+        generation_prompt="Write a {description} review.",
+        classification_prompt="Review: {text}\nOptions: {options}.",
+    )
+
+
+TOY_TASK = _toy_task()  # a two-label task for tests of mechanics
+
+
+def make_upload(model, **kw):
+    """A valid SLMUpload of `model` from client-0 (override any field with keyword arguments)."""
+    from crosslm.protocol import SLMUpload, model_config_dict
+
+    fields = dict(
+        client_id="client-0",
+        slm="minilm-l6",
+        model_type=model.config.model_type,
+        model_config=model_config_dict(model),
+        labels=["neg", "pos"],
+        num_examples=10,
+        label_counts=[3, 7],
+        version=1,
+        base_version=0,
+        metrics={"accuracy": 0.5},
+        state_dict=model.state_dict(),
+    )
+    fields.update(kw)
+    return SLMUpload(**fields)

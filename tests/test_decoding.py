@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from crosslm.modeling.llm_text import pair_batch
 from crosslm.server.decoding import (
     SnapshotCache,
     decode_attention,
@@ -14,7 +15,6 @@ from crosslm.server.decoding import (
     sample_tokens,
     sample_top_p,
 )
-from crosslm.server.llm_text import pair_batch
 
 
 def test_nucleus_matches_transformers_top_p():
@@ -269,7 +269,7 @@ def test_real_default_llm_greedy_matches_generate():
     """On SmolLM2-135M-Instruct through its chat template: our path writes what `generate` writes."""
     from crosslm.catalogue.datasets import DATASETS
     from crosslm.catalogue.models import load_llm
-    from crosslm.server.llm_text import user_prompt_ids
+    from crosslm.modeling.llm_text import user_prompt_ids
 
     task = DATASETS["rotten-tomatoes"].load()[0]
     model, tok = load_llm("smollm2-135m-instruct")

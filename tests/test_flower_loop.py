@@ -20,9 +20,9 @@ from crosslm.config import RunConfig
 from crosslm.io import JsonlWriter, read_jsonl
 from crosslm.lifecycle import RunLog
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, encode, model_config_dict
+from crosslm.runtime.flower.checkpoint import ServerCheckpoint
 from crosslm.runtime.flower.payload import pack, unpack_wire
 from crosslm.runtime.flower.server_app import ENHANCED, TRAIN, AsyncLoop
-from crosslm.server.checkpoint import ServerCheckpoint
 from crosslm.server.server import CrossLMServer, SyntheticExample
 from crosslm.task import LabelledTexts, TaskSpec
 from tests.conftest import make_classifier

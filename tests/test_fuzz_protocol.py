@@ -26,9 +26,9 @@ from crosslm.errors import ProtocolError
 from crosslm.io import JsonlWriter, read_jsonl
 from crosslm.lifecycle import RunLog
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
+from crosslm.runtime.flower.checkpoint import ServerCheckpoint
 from crosslm.runtime.flower.payload import pack
 from crosslm.runtime.flower.server_app import ENHANCED, EVALUATE, TRAIN, AsyncLoop, Inflight
-from crosslm.server.checkpoint import ServerCheckpoint
 from crosslm.server.server import CrossLMServer
 from crosslm.task import LabelledTexts, TaskSpec
 from tests.conftest import make_classifier

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from crosslm.config import GenerationConfig
 from crosslm.server.generate import clean_sample, content_hash, generate_samples
-from tests.test_verbalizer import TASK
+from tests.conftest import TOY_TASK as TASK
 
 
 def test_clean_sample():

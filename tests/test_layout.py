@@ -76,3 +76,14 @@ def test_no_private_name_is_imported_from_another_module():
 def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_tests_share_helpers_through_conftest_not_other_test_modules():
+    tests = Path(__file__).resolve().parent
+    offenders = [
+        f"{p.name} imports {node.module}"
+        for p in tests.glob("test_*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.test_")
+    ]
+    assert offenders == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from crosslm.config import LLMConfig
-from crosslm.server.llm_text import (
+from crosslm.modeling.llm_text import (
     answer_ids,
     continuation_logprobs,
     next_token_logits,
@@ -149,7 +149,7 @@ def test_kd_targets():
 
 
 def test_kd_loss_minimised_at_target():
-    from crosslm.client.trainer import soft_cross_entropy
+    from crosslm.modeling.slm import soft_cross_entropy
 
     target = torch.tensor([[0.8, 0.2]])
     at_target = soft_cross_entropy(torch.log(target), target)
@@ -185,8 +185,8 @@ def test_micro_batching_gives_the_same_update(tiny_tokenizer):
 
     from crosslm.config import TuneConfig
     from crosslm.server.tune_llm import tune_adapter
+    from tests.conftest import TOY_TASK as TASK
     from tests.conftest import make_llm
-    from tests.test_verbalizer import TASK
 
     generated = [("great film", 1, 0.9), ("bad", 0, 0.2), ("so so movie", 1, 0.5), ("awful acting", 0, 0.7)]
     good = [("great film", 1), ("awful acting", 0)]
@@ -219,8 +219,8 @@ def test_bfloat16_autocast_tuning_trains_a_float32_adapter(tiny_tokenizer):
 
     from crosslm.config import TuneConfig
     from crosslm.server.tune_llm import tune_adapter
+    from tests.conftest import TOY_TASK as TASK
     from tests.conftest import make_llm
-    from tests.test_verbalizer import TASK
 
     generated = [("great film", 1, 0.9), ("bad", 0, 0.2), ("so so movie", 1, 0.5), ("awful acting", 0, 0.7)]
     good = [("great film", 1), ("awful acting", 0)]
@@ -242,7 +242,7 @@ def test_bfloat16_autocast_tuning_trains_a_float32_adapter(tiny_tokenizer):
 
 
 def test_fit_under_bfloat16_autocast_keeps_float32_weights_and_learns(tiny_tokenizer):
-    from crosslm.client.trainer import fit, predict_logits
+    from crosslm.modeling.slm import fit, predict_logits
     from tests.conftest import make_classifier
 
     model = make_classifier("bert", len(tiny_tokenizer))
@@ -261,7 +261,7 @@ def test_logit_adjusted_local_training_pushes_a_label_the_client_does_not_hold_d
     """The client's data holds labels 0 and 1 only. Plain cross-entropy drives p(label 2) toward 0 on
     every text it trains on; with logit adjustment the loss sees log prior(2) << 0, which already does
     that work, so the model's own (raw) logit for label 2 is pushed down far less."""
-    from crosslm.client.trainer import predict_logits, train_supervised
+    from crosslm.modeling.slm import predict_logits, train_supervised
     from crosslm.task import LabelledTexts
     from tests.conftest import make_classifier
 

@@ -13,8 +13,9 @@ from crosslm.server.feedback import ClientModel, Feedback
 from crosslm.server.generate import GeneratedSample, GenerationStats
 from crosslm.server.server import CrossLMServer, fedavg_group, fedavg_state
 from crosslm.task import LabelledTexts
+from tests.conftest import TOY_TASK as TASK
 from tests.conftest import make_classifier
-from tests.test_server_receive import TASK, _upload
+from tests.conftest import make_upload as _upload
 
 
 def test_presets_set_the_keys_that_define_each_method():
@@ -146,11 +147,11 @@ def test_centralized_trains_one_slm_on_the_union_of_the_clients_data(tmp_path, m
         got.update(texts=list(data.texts), epochs=kw["epochs"])
         return 0.1
 
-    monkeypatch.setattr("crosslm.client.trainer.train_supervised", fake_train)
+    monkeypatch.setattr("crosslm.modeling.slm.train_supervised", fake_train)
     monkeypatch.setattr(
         "crosslm.catalogue.models.load_slm", lambda s, labels: (make_classifier("bert", 100), _Tok())
     )
-    monkeypatch.setattr("crosslm.client.trainer.evaluate", lambda *a, **k: {"accuracy": 0.5, "macro_f1": 0.5})
+    monkeypatch.setattr("crosslm.modeling.slm.evaluate", lambda *a, **k: {"accuracy": 0.5, "macro_f1": 0.5})
     run(cfg)
     assert sorted(got["texts"]) == sorted(t for part in split.train for t in part.texts)
     assert got["epochs"] == (3 // 3 + 1) * 2  # one client's rounds x E, on the union

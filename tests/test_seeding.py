@@ -9,8 +9,8 @@ import torch
 
 from crosslm.config import GenerationConfig
 from crosslm.seeding import own_rng
+from tests.conftest import TOY_TASK as TASK
 from tests.conftest import make_classifier
-from tests.test_verbalizer import TASK
 
 
 def test_own_rng_seeds_the_block_and_restores_the_state_after_it():
@@ -26,7 +26,7 @@ def test_own_rng_seeds_the_block_and_restores_the_state_after_it():
 
 
 def _train(tokenizer, global_seed: int) -> dict[str, torch.Tensor]:
-    from crosslm.client.trainer import fit
+    from crosslm.modeling.slm import fit
 
     model = make_classifier("bert", len(tokenizer))
     for m in model.modules():  # dropout on, so the global RNG would matter if fit drew from it

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from crosslm.server.llm_text import answer_ids, user_prompt_ids
+from crosslm.modeling.llm_text import answer_ids, user_prompt_ids
 from crosslm.server.verbalizer import calibrated, evaluate_llm, label_scores
-from crosslm.task import LabelledTexts, TaskSpec
+from crosslm.task import LabelledTexts
+from tests.conftest import TOY_TASK
 
-TASK = TaskSpec(
-    name="toy",
-    labels=("neg", "pos"),
-    descriptions=("negative", "positive"),
-    verbalizer=("Negative", "Positive"),
-    generation_prompt="Write a {description} review.",
-    classification_prompt="Review: {text}\nOptions: {options}.",
-)
+TASK = TOY_TASK
 
 
 def test_label_scores_sum_whole_label_string(tiny_tokenizer, tiny_llm):
@@ -67,7 +61,7 @@ def test_label_word_forms_in_one_pass_equal_separate_evaluations(tiny_tokenizer,
 
 def test_label_score_gradients_match_one_sequence_per_pair(tiny_tokenizer, tiny_llm):
     """L_task backpropagates through the shared prompt cache exactly as through separate sequences."""
-    from crosslm.server.llm_text import continuation_logprobs, pair_batch
+    from crosslm.modeling.llm_text import continuation_logprobs, pair_batch
 
     texts, y = ["ok", "a much longer review text here", "meh"], torch.tensor([0, 1, 1])
     prompts = [user_prompt_ids(tiny_tokenizer, TASK.classify_prompt(t)) for t in texts]

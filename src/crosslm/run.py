@@ -71,7 +71,7 @@ def run_centralized(cfg: RunConfig) -> Path:
     union of every client's training data, for as many epochs as one client's local rounds under the
     configured schedule would give it (U / K + 1 rounds of E epochs), evaluated on the global test split."""
     from crosslm.catalogue.models import load_slm
-    from crosslm.client.trainer import evaluate, train_supervised
+    from crosslm.modeling.slm import evaluate, train_supervised
     from crosslm.precision import machine_info
 
     run_dir = make_run_dir(cfg)

@@ -15,10 +15,10 @@ from typing import Any
 from safetensors.torch import load_file
 
 from crosslm.catalogue.models import load_slm
-from crosslm.client.trainer import evaluate, train_supervised
 from crosslm.config import ClientConfig
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_dir, atomic_write_json
+from crosslm.modeling.slm import evaluate, train_supervised
 from crosslm.precision import resolve_device
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
 from crosslm.task import LabelledTexts, TaskSpec

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from crosslm.catalogue.models import cache_dir, load_slm
-from crosslm.client.trainer import evaluate, predict_logits, train_supervised
 from crosslm.io import atomic_dir, atomic_write_json
+from crosslm.modeling.slm import evaluate, predict_logits, train_supervised
 from crosslm.task import LabelledTexts, TaskSpec
 
 JUDGE_SLM = "minilm-l6"

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from crosslm.modeling.llm_text import continuation_logprobs, pair_batch
 from crosslm.precision import model_device
 from crosslm.progress import progress
-from crosslm.server.llm_text import continuation_logprobs, pair_batch
 
 
 @torch.no_grad()

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from crosslm.modeling.llm_text import cache_kwarg
 from crosslm.precision import model_device
 from crosslm.seeding import own_rng
 from crosslm.server.lean_decode import lean_decoder
-from crosslm.server.llm_text import cache_kwarg
 
 
 def decode_attention(

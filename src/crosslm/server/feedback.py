@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from crosslm.client.trainer import log_prior, predict_logits
 from crosslm.config import MISSING_LABEL_RULES
+from crosslm.modeling.slm import log_prior, predict_logits
 
 
 @dataclass

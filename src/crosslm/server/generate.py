@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from crosslm.config import GenerationConfig
+from crosslm.modeling.llm_text import user_prompt_ids
 from crosslm.precision import dtype_name, model_device, resolve_dtype
 from crosslm.progress import progress
 from crosslm.seeding import own_rng
 from crosslm.server.decoding import SnapshotCache, generation_model, sample_tokens
-from crosslm.server.llm_text import user_prompt_ids
 from crosslm.task import TaskSpec
 
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]?\s|[\"')\]]?$)")

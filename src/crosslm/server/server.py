@@ -18,10 +18,10 @@ from typing import Any, cast
 import torch
 
 from crosslm.catalogue.models import load_slm_tokenizer
-from crosslm.client.trainer import fit
 from crosslm.config import RunConfig
 from crosslm.errors import CrossLMError, ProtocolError
-from crosslm.evaluation.metrics import distinct_n
+from crosslm.modeling.metrics import distinct_n
+from crosslm.modeling.slm import fit
 from crosslm.precision import dtype_name, resolve_device, resolve_dtype
 from crosslm.protocol import (
     SLMEnhanced,

@@ -15,15 +15,15 @@ import torch
 
 from crosslm import precision
 from crosslm.config import LLMConfig, TuneConfig
-from crosslm.progress import progress
-from crosslm.seeding import own_rng
-from crosslm.server.llm_text import (
+from crosslm.modeling.llm_text import (
     answer_ids,
     gather_logprobs,
     next_token_logits,
     pair_batch,
     user_prompt_ids,
 )
+from crosslm.progress import progress
+from crosslm.seeding import own_rng
 from crosslm.server.losses import probability_regularizer, quality_guided_loss, task_loss
 from crosslm.server.verbalizer import label_scores
 from crosslm.task import TaskSpec

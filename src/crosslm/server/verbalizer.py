@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from crosslm.evaluation.metrics import classification_metrics
-from crosslm.precision import model_device
-from crosslm.progress import progress as phase_progress
-from crosslm.server.llm_text import (
+from crosslm.modeling.llm_text import (
     answer_ids,
     cache_kwarg,
     pair_batch,
     truncate_text,
     user_prompt_ids,
 )
+from crosslm.modeling.metrics import classification_metrics
+from crosslm.precision import model_device
+from crosslm.progress import progress as phase_progress
 from crosslm.task import LabelledTexts, TaskSpec
 
 CONTENT_FREE = ("N/A", "", "[MASK]")

@@ -284,10 +284,9 @@ class LocalDeployment:
             stderr=subprocess.STDOUT,
             env=self.env(name),
             cwd=self.workdir,
-            # the first process leads the group, out of the terminal's: Ctrl-C reaches crosslm alone,
-            # which then stops them all in order
-            start_new_session=group is None,
-            preexec_fn=None if group is None else (lambda: os.setpgid(0, group)),  # noqa: PLW1509
+            # one process group (in this session), led by the first process and apart from the
+            # terminal's: Ctrl-C reaches crosslm alone, which then stops them all in order
+            preexec_fn=lambda: os.setpgid(0, group or 0),  # noqa: PLW1509
         )
         log.close()
         if group is None:

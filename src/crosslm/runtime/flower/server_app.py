@@ -31,9 +31,9 @@ from crosslm.errors import ConfigError, CrossLMError, ProtocolError
 from crosslm.io import JsonlWriter
 from crosslm.lifecycle import RunSession
 from crosslm.protocol import check_client_id
+from crosslm.runtime.flower.checkpoint import ServerCheckpoint
 from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_report, unpack_wire
-from crosslm.server.checkpoint import ServerCheckpoint
 from crosslm.server.server import CrossLMServer
 
 TRAIN, ENHANCED, EVALUATE = "train", "query.enhanced", "evaluate"

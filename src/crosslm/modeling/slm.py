@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from crosslm import precision
-from crosslm.evaluation.metrics import classification_metrics
+from crosslm.modeling.metrics import classification_metrics
 from crosslm.progress import progress
 from crosslm.seeding import own_rng
 from crosslm.task import LabelledTexts
