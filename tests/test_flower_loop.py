@@ -23,7 +23,8 @@ from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, encode, model_
 from crosslm.runtime.flower.checkpoint import ServerCheckpoint
 from crosslm.runtime.flower.payload import pack, unpack_wire
 from crosslm.runtime.flower.server_app import ENHANCED, TRAIN, AsyncLoop
-from crosslm.server.server import CrossLMServer, SyntheticExample
+from crosslm.server.server import CrossLMServer
+from crosslm.server.update import SyntheticExample
 from crosslm.task import LabelledTexts, TaskSpec
 from tests.conftest import make_classifier
 

@@ -9,9 +9,10 @@ import torch
 from crosslm.config import load_config
 from crosslm.errors import ConfigError
 from crosslm.protocol import decode, encode
+from crosslm.server.baselines import fedavg_group, fedavg_state
 from crosslm.server.feedback import ClientModel, Feedback
 from crosslm.server.generate import GeneratedSample, GenerationStats
-from crosslm.server.server import CrossLMServer, fedavg_group, fedavg_state
+from crosslm.server.server import CrossLMServer
 from crosslm.task import LabelledTexts
 from tests.conftest import TOY_TASK as TASK
 from tests.conftest import make_classifier
@@ -70,20 +71,20 @@ def test_kd_without_feedback_never_scores_and_distils_every_sample_on_its_label(
     srv.receive(encode(_upload(make_classifier("bert", 100))), sender="client-0")
     samples = [GeneratedSample(f"sample number {i}", i % 2, f"h{i}") for i in range(6)]
     monkeypatch.setattr(
-        "crosslm.server.server.generate_samples", lambda *a, **k: (samples, GenerationStats(6, 6, 60, 1.0))
+        "crosslm.server.update.generate_samples", lambda *a, **k: (samples, GenerationStats(6, 6, 60, 1.0))
     )
 
     def no_scoring(*a, **k):
         raise AssertionError("the no-feedback baseline must not score with the SLMs")
 
-    monkeypatch.setattr("crosslm.server.server.score", no_scoring)
+    monkeypatch.setattr("crosslm.server.update.score", no_scoring)
     seen = {}
 
     def fake_fit(model, tok, texts, targets, **kw):
         seen.update(texts=list(texts), targets=targets.clone())
         return 0.0
 
-    monkeypatch.setattr("crosslm.server.server.fit", fake_fit)
+    monkeypatch.setattr("crosslm.server.update.fit", fake_fit)
     monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
     srv.models["client-0"].tokenizer = None
     srv.step()
@@ -105,19 +106,19 @@ def test_missing_labels_rule_decides_what_the_server_distils(monkeypatch, rule, 
     srv.receive(encode(_upload(make_classifier("bert", 100))), sender="client-0")
     samples = [GeneratedSample(f"sample number {i}", i % 2, f"h{i}") for i in range(6)]
     monkeypatch.setattr(
-        "crosslm.server.server.generate_samples", lambda *a, **k: (samples, GenerationStats(6, 6, 60, 1.0))
+        "crosslm.server.update.generate_samples", lambda *a, **k: (samples, GenerationStats(6, 6, 60, 1.0))
     )
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.55, 0.45]])
     labels = torch.tensor([s.label for s in samples])
     fb = Feedback(q=probs[torch.arange(6), labels], ensemble_probs=probs, per_client={"client-0": probs})
-    monkeypatch.setattr("crosslm.server.server.score", lambda *a, **k: fb)
+    monkeypatch.setattr("crosslm.server.update.score", lambda *a, **k: fb)
     seen: dict = {}
 
     def fake_fit(model, tok, texts, targets, **kw):
         seen.update(texts=list(texts))
         return 0.0
 
-    monkeypatch.setattr("crosslm.server.server.fit", fake_fit)
+    monkeypatch.setattr("crosslm.server.update.fit", fake_fit)
     monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
     srv.models["client-0"].tokenizer = None
     srv.step()

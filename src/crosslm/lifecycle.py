@@ -30,7 +30,7 @@ from crosslm.evaluation.report import write_report
 from crosslm.io import JsonlWriter, read_jsonl
 from crosslm.partition import FederatedSplit, federated_split
 from crosslm.precision import machine_info
-from crosslm.seeding import seed_everything
+from crosslm.seeding import pass_seed, seed_everything
 from crosslm.server.server import CrossLMServer
 from crosslm.server.tune_llm import add_lora
 from crosslm.task import LabelledTexts, TaskSpec
@@ -139,7 +139,7 @@ def setup_torch(cfg: RunConfig) -> None:
 
 def client_seed(run_seed: int, index: int) -> int:
     """The seed of client `index`'s training passes, the same in every runtime."""
-    return run_seed * 101 + index
+    return pass_seed(run_seed, "client", index)
 
 
 def build_client(

@@ -15,6 +15,24 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+# Every randomised pass's seed, in one place: pass -> (multiplier of its base seed, offset). The base is
+# the run's seed, or for a client's own passes the client's seed; the step is the client index (for
+# "client"), the client's local round, or the server update.
+_PASSES = {
+    "client": (101, 0),  # a client's seed: run seed, client index
+    "local_round": (1000, 0),  # a client's local training: client seed, round
+    "extra_epochs": (1000, 500),  # standalone's matched extra epochs: client seed, round
+    "generate": (100_003, 0),  # the LLM's sampling: run seed, update
+    "tune_llm": (7919, 0),  # the adapter's batches: run seed, update
+    "distil": (31, 0),  # distillation into the SLMs: run seed, update
+}
+
+
+def pass_seed(base: int, name: str, step: int) -> int:
+    """The seed of one randomised pass (see `_PASSES`): distinct per pass, step and base seed."""
+    multiplier, offset = _PASSES[name]
+    return base * multiplier + step + offset
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

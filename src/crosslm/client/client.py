@@ -21,6 +21,7 @@ from crosslm.io import atomic_dir, atomic_write_json
 from crosslm.modeling.slm import evaluate, train_supervised
 from crosslm.precision import resolve_device
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
+from crosslm.seeding import pass_seed
 from crosslm.task import LabelledTexts, TaskSpec
 
 STATE_FILE = "crosslm_client.json"
@@ -90,7 +91,9 @@ class Client:
         self.round += 1
         t0 = time.perf_counter()
         loss = self._train_private(
-            self.cfg.epochs, self.seed * 1000 + self.round, f"{self.client_id} local round {self.round}"
+            self.cfg.epochs,
+            pass_seed(self.seed, "local_round", self.round),
+            f"{self.client_id} local round {self.round}",
         )
         metrics = self.metrics = self.evaluate()
         upload = SLMUpload(
@@ -132,7 +135,7 @@ class Client:
         if self.cfg.extra_local_epochs > 0:  # standalone baseline: the server's effort, spent locally
             self._train_private(
                 self.cfg.extra_local_epochs,
-                self.seed * 1000 + self.round + 500,
+                pass_seed(self.seed, "extra_epochs", self.round),
                 f"{self.client_id} extra local epochs",
             )
         after = self.metrics = self.evaluate()

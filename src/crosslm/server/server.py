@@ -1,27 +1,22 @@
-"""The CrossLM server: one update = generate -> feedback -> tune the LLM -> distil the SLMs.
+"""The server: hosts the clients' SLMs, the synthetic pool and the LLM, and runs the method's update.
 
 The server reacts to uploads as they arrive (fully asynchronous when buffer_size = 1). Each update
-enhances the SLMs of the clients whose uploads triggered it and returns them as wire messages; the
-runtime (in-process or Flower) decides when those messages reach their clients.
+(update.py for CrossLM, baselines.py for the baselines) enhances the SLMs of the clients whose uploads
+triggered it and returns them as wire messages; the runtime (in-process or Flower) decides when those
+messages reach their clients.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from crosslm.catalogue.models import load_slm_tokenizer
 from crosslm.config import RunConfig
 from crosslm.errors import CrossLMError, ProtocolError
-from crosslm.modeling.metrics import distinct_n
-from crosslm.modeling.slm import fit
 from crosslm.precision import dtype_name, resolve_device, resolve_dtype
 from crosslm.protocol import (
     SLMEnhanced,
@@ -33,31 +28,18 @@ from crosslm.protocol import (
     is_slm_name,
     model_config_dict,
 )
+from crosslm.server.baselines import echo_update, fedavg_update
 from crosslm.server.decoding import SnapshotCache
 from crosslm.server.feedback import (
     ClientModel,
-    Feedback,
-    candidates,
-    score,
-    select_good,
-    staleness_weights,
 )
-from crosslm.server.generate import generate_samples
-from crosslm.server.losses import kd_targets
-from crosslm.server.tune_llm import tune_adapter
+from crosslm.server.update import SyntheticExample, crosslm_update
 from crosslm.server.verbalizer import evaluate_llm
 from crosslm.task import LabelledTexts, TaskSpec
 
 Logger = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class SyntheticExample:
-    text: str
-    label: int
-    hash: str
-    update: int  # the server update that generated it
-    llm_version: int  # adapter version that wrote it (= updates completed before)
+# federation.server_update -> the update it runs
+UPDATES = {"crosslm": crosslm_update, "none": echo_update, "fedavg": fedavg_update}
 
 
 class CrossLMServer:
@@ -152,183 +134,14 @@ class CrossLMServer:
 
     # -- one server update ---------------------------------------------------------------------------
     def step(self) -> list[tuple[str, WireMessage]]:
-        """Run one update for the buffered uploads; returns (client_id, enhanced SLM) messages."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        phases: dict[str, float] = {}
-        lap = _Lap(phases)
-        triggers = self.pending[: cfg.federation.buffer_size]
+        """Run one update for the buffered uploads with the method's update (CrossLM's, or a baseline's);
+        returns (client_id, enhanced SLM) messages."""
+        triggers = self.pending[: self.cfg.federation.buffer_size]
         self.pending = self.pending[len(triggers) :]
         self.update += 1
-        u = self.update
-        models = list(self.models.values())
-        weights = staleness_weights(models, u - 1, cfg.feedback.gamma)
-        staleness = {m.client_id: max(u - 1 - m.base_version, 0) for m in models}
-        if cfg.federation.server_update != "crosslm":  # the baselines' server: no LLM at all
-            responses = [(cid, self._baseline_reply(cid, u)) for cid in triggers]
-            lap(cfg.federation.server_update)
-            self.log(
-                {
-                    "event": "server_update",
-                    "update": u,
-                    "mode": cfg.federation.server_update,
-                    "trigger_clients": triggers,
-                    "staleness": staleness,
-                    "seconds": time.perf_counter() - t0,
-                    "phase_seconds": phases,
-                }
-            )
-            return responses
+        return UPDATES[self.cfg.federation.server_update](self, triggers, self.update)
 
-        # 3. generate
-        samples, gstats = generate_samples(
-            self.llm,
-            self.tokenizer,
-            self.task,
-            cfg.generation,
-            seen=self.seen,
-            seed=cfg.seed * 100_003 + u,
-            snapshots=self.snapshots,
-        )
-        self.pool += [SyntheticExample(s.text, s.label, s.hash, u, u - 1) for s in samples]
-        lap("generate")
-
-        # 4. feedback on the whole pool with the current ensemble (it improves as SLMs arrive)
-        texts = [e.text for e in self.pool]
-        labels = [e.label for e in self.pool]
-        tau = cfg.feedback.threshold(self.task.num_labels)
-        if cfg.feedback.enabled:
-            fb = score(
-                texts,
-                labels,
-                models,
-                weights,
-                prior_correction=cfg.feedback.prior_correction,
-                batch_size=cfg.eval.batch_size,
-                max_length=cfg.clients.max_length,
-            )
-            qualifying = candidates(labels, fb, num_labels=self.task.num_labels, tau=tau)
-            missing = [c for c, p in enumerate(qualifying) if not p]
-            good = select_good(
-                labels,
-                fb,
-                num_labels=self.task.num_labels,
-                tau=tau,
-                max_per_label=cfg.feedback.max_per_label,
-                missing_labels=cfg.feedback.missing_labels,
-                min_per_label=cfg.feedback.min_per_label,
-                qualifying=qualifying,
-            )
-        else:  # data-free KD without feedback: nothing is scored, every sample is used with its label
-            fb = Feedback.unscored(len(texts), self.task.num_labels)
-            good = list(range(len(texts)))
-            missing = []
-        lap("feedback")
-        new = range(len(self.pool) - len(samples), len(self.pool))
-        for i in new:
-            e = self.pool[i]
-            self.log_synthetic(
-                {
-                    "text": e.text,
-                    "label": self.task.labels[e.label],
-                    "q": float(fb.q[i]),
-                    "slm_probs": {cid: float(p[i, e.label]) for cid, p in fb.per_client.items()},
-                    "update": u,
-                    "llm_version": e.llm_version,
-                    "slm_versions": {m.client_id: m.round for m in models},
-                    "hash": e.hash,
-                }
-            )
-
-        # 5. tune the LLM adapter on this update's samples (L_QG, L_PR) and on S+ (L_task)
-        losses = tune_adapter(
-            self.llm,
-            self.tokenizer,
-            self.task,
-            [(self.pool[i].text, self.pool[i].label, float(fb.q[i])) for i in new],
-            [(texts[i], labels[i]) for i in good],
-            cfg.tune,
-            max_text_tokens=cfg.llm.max_text_tokens,
-            tau=tau,
-            seed=cfg.seed * 7919 + u,
-        )
-        lap("tune_llm")
-
-        # 6. distil S+ into the triggering clients' SLMs and send them back
-        responses = [
-            (cid, self._enhance(cid, good, texts, labels, fb.ensemble_logits, u)) for cid in triggers
-        ]
-        lap("distill")
-
-        if cfg.tune.steps > 0:  # an untuned LLM scores what it scored at update 0
-            self.evaluate_llm(u)
-        lap("evaluate_llm")
-        new_q = fb.q[list(new)] if samples else torch.zeros(0)
-        per_label = [sum(1 for i in good if labels[i] == c) for c in range(self.task.num_labels)]
-        self.log(
-            {
-                "event": "server_update",
-                "update": u,
-                "trigger_clients": triggers,
-                "weights": weights,
-                "staleness": staleness,
-                "generated": gstats.generated,
-                "kept": gstats.kept,
-                "gen_tokens_per_s": gstats.tokens_per_s,
-                "gen_dtype": gstats.dtype,
-                "distinct2": distinct_n([s.text for s in samples], 2),
-                "mean_q": float(new_q.mean()) if len(new_q) else float("nan"),
-                "tau": tau,
-                "share_q_ge_tau": float((new_q >= tau).float().mean()) if len(new_q) else float("nan"),
-                "pool_size": len(self.pool),
-                "splus_size": len(good),
-                "splus_per_label": per_label,
-                "labels_without_candidates": [self.task.labels[c] for c in missing],
-                "loss": losses,
-                "seconds": time.perf_counter() - t0,
-                "phase_seconds": phases,
-            }
-        )
-        return responses
-
-    def _enhance(
-        self, cid: str, good: list[int], texts: list[str], labels: list[int], ens_logits: torch.Tensor, u: int
-    ) -> WireMessage:
-        """Distil S+ into a copy of client cid's latest SLM; the registry keeps the uploaded version."""
-        m = self.models[cid]
-        student = copy.deepcopy(m.model)
-        if good:
-            d = self.cfg.distill
-            targets = kd_targets(
-                torch.tensor([labels[i] for i in good]), ens_logits[good], mu=d.mu, temperature=d.temperature
-            )
-            fit(
-                student,
-                m.tokenizer,
-                [texts[i] for i in good],
-                targets,
-                epochs=d.epochs,
-                lr=d.lr,
-                batch_size=d.batch_size,
-                max_length=self.cfg.clients.max_length,
-                seed=self.cfg.seed * 31 + u,
-                desc=f"distil {cid}",
-                autocast=d.autocast,
-            )
-        return self._reply(cid, student, student.state_dict(), u)
-
-    def _baseline_reply(self, cid: str, u: int) -> WireMessage:
-        """'none': the client's own SLM back (standalone); 'fedavg': the example-weighted average of the
-        latest SLMs of every client that shares its architecture (model type and config)."""
-        m = self.models[cid]
-        state = m.model.state_dict()
-        if self.cfg.federation.server_update == "fedavg":
-            group = fedavg_group(m, list(self.models.values()))
-            state = fedavg_state([g.model.state_dict() for g in group], [g.num_examples for g in group])
-            self.log({"event": "fedavg", "update": u, "client": cid, "group": [g.client_id for g in group]})
-        return self._reply(cid, m.model, state, u)
-
-    def _reply(self, cid: str, model: Any, state: dict[str, torch.Tensor], u: int) -> WireMessage:
+    def reply(self, cid: str, model: Any, state: dict[str, torch.Tensor], u: int) -> WireMessage:
         """Client cid's SLM (architecture of `model`, weights `state`) as this update's enhanced message."""
         return encode(
             SLMEnhanced(
@@ -377,39 +190,3 @@ class CrossLMServer:
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
             raise CrossLMError(f"adapter in '{path}' does not match this LLM (unexpected {missing[0]})")
-
-
-def fedavg_group(target: ClientModel, models: list[ClientModel]) -> list[ClientModel]:
-    """The clients FedAvg may average with `target`: the same architecture, exactly (type and config)."""
-    key = (target.model.config.model_type, json.dumps(model_config_dict(target.model), sort_keys=True))
-    return [
-        m
-        for m in models
-        if (m.model.config.model_type, json.dumps(model_config_dict(m.model), sort_keys=True)) == key
-    ]
-
-
-def fedavg_state(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    """sum_j n_j * theta_j / sum_j n_j, tensor by tensor (integer buffers are taken from the first)."""
-    total = float(sum(weights))
-    out = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            mean = sum(s[k].float() * (w / total) for s, w in zip(states, weights, strict=True))
-            out[k] = cast(torch.Tensor, mean).to(v.dtype)
-        else:
-            out[k] = v.clone()
-    return out
-
-
-class _Lap:
-    """Records the seconds since the previous lap under a phase name."""
-
-    def __init__(self, into: dict[str, float]):
-        self.into = into
-        self.last = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.into[name] = round(now - self.last, 2)
-        self.last = now

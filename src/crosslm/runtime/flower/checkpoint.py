@@ -21,7 +21,8 @@ from typing import Any
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_write_bytes, atomic_write_json, child_path
 from crosslm.protocol import WireMessage, check_client_id
-from crosslm.server.server import CrossLMServer, SyntheticExample
+from crosslm.server.server import CrossLMServer
+from crosslm.server.update import SyntheticExample
 
 FORMAT_VERSION = 1
 
