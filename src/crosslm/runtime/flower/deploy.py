@@ -528,6 +528,10 @@ def run_local(cfg: RunConfig, resume: Path | None = None) -> Path:
     task, _ = prepare_data(cfg)  # fails early, with a clear message, on a bad dataset
     run_dir = Path(resume).resolve() if resume else make_run_dir(cfg).resolve()
     fl = run_dir / "flower"
+    if resume:  # a fresh SuperLink state: the old one still counts the killed nodes as connected and would
+        # refuse their keys until its heartbeat deadline; the ServerApp resumes from the run's checkpoint
+        for f in fl.glob("superlink.db*"):
+            f.unlink()
     dep, specs = loopback(cfg, run_dir)
     run_config = write_run_config(fl / "run_config.toml", cfg, task, run_dir)
     status, run_id = "not started", -1
