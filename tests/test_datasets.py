@@ -106,14 +106,23 @@ def test_local_csv_custom_columns(tmp_path: Path) -> None:
         w.writerow(["review", "stars", "extra"])
         w.writerows([(t, y, 1) for t, y in rows])
     cfg = DataConfig(
-        dataset=str(path), text_column="review", label_column="stars", label_descriptions={"good": "glowing"}
+        dataset=str(path),
+        text_column="review",
+        label_column="stars",
+        label_descriptions={"good": "glowing"},
+        task_description="restaurant reviews",
     )
     task, data = load_task_data(cfg)
     assert task.name == "reviews"
     assert task.labels == ("bad", "good", "okay")
     assert task.verbalizer == ("Bad", "Good", "Okay")
     assert task.descriptions == ("bad", "glowing", "okay")
-    assert task.prompt_for(1) == "Write a short text about glowing."
+    assert (
+        task.prompt_for(1)
+        == "Write one short example of restaurant reviews, one that is glowing. Reply with the text only."
+    )
+    assert task.classify_prompt("Nice").startswith("Text (restaurant reviews): Nice\n")
+    assert task.description == "restaurant reviews"
     assert data.texts[:3] == ["Great food and service", "Awful.", "Meh"]
     assert data.labels[:3] == [1, 0, 2]
     assert len(data) == 33  # duplicate 'Awful.' and the blank row are dropped
@@ -123,7 +132,9 @@ def test_local_jsonl_numeric_labels(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     recs = [{"body": f"text {i}", "y": [10, 2, 1][i % 3]} for i in range(12)]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    task, data = load_task_data(DataConfig(dataset=str(path), text_column="body", label_column="y"))
+    task, data = load_task_data(
+        DataConfig(dataset=str(path), text_column="body", label_column="y", task_description="notes")
+    )
     assert task.labels == ("1", "2", "10")  # numeric order, not string order
     assert data.labels[:3] == [2, 1, 0]
     assert len(data) == 12
@@ -140,7 +151,7 @@ def test_local_parquet_classlabel(tmp_path: Path) -> None:
     )
     path = tmp_path / "d.parquet"
     ds.to_parquet(str(path))
-    task, data = load_task_data(DataConfig(dataset=str(path)))
+    task, data = load_task_data(DataConfig(dataset=str(path), task_description="notes"))
     assert task.labels == ("neg", "pos")
     assert data.texts == ["a a", "b b", "c c"]  # -1 = unlabelled, dropped
     assert data.labels == [1, 0, 1]
@@ -150,7 +161,7 @@ def test_missing_column_names_column_and_found_ones(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("sentence,label\nhello,a\nworld,b\n")
     with pytest.raises(DataError) as err:
-        load_task_data(DataConfig(dataset=str(path), text_column="text"))
+        load_task_data(DataConfig(dataset=str(path), text_column="text", task_description="notes"))
     msg = str(err.value)
     assert "'text'" in msg and "sentence" in msg and "label" in msg
 
@@ -159,7 +170,7 @@ def test_single_label_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("text,label\nhello,a\nworld,a\n")
     with pytest.raises(DataError, match="at least 2"):
-        load_task_data(DataConfig(dataset=str(path)))
+        load_task_data(DataConfig(dataset=str(path), task_description="notes"))
 
 
 def test_unknown_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -218,3 +229,14 @@ def test_general_text() -> None:
     assert 290 <= len(docs) <= 310
     assert all(len(d) > 100 for d in docs)
     assert load_general_text(max_docs=5) == docs[:5]
+
+
+def test_a_dataset_outside_the_catalogue_needs_a_task_description(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"review {i},{['neg', 'pos'][i % 2]}\n" for i in range(20)))
+    with pytest.raises(DataError, match="data.task_description"):
+        load_task_data(DataConfig(dataset=str(path)))
+    with pytest.raises(DataError, match="data.task_description"):
+        load_task_data(DataConfig(dataset="some-org/some-dataset"))  # refused before any download
+    task, _ = load_task_data(DataConfig(dataset="rotten-tomatoes"))  # the catalogue carries its own
+    assert task.description == "movie reviews"

@@ -112,7 +112,10 @@ def test_saved_models_load_with_from_pretrained(tiny_run):
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path):
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"review {i},{['neg', 'pos'][i % 2]}\n" for i in range(400)))
     cases = [
+        (["--set", f"data.dataset={csv}"], "data.task_description"),  # before any model is loaded
         (["--set", "data.dataset=no-such-data"], "rotten-tomatoes"),
         (["--set", "federation.update=3"], "Did you mean 'federation.updates'"),
         (["--set", "data.num_clients=500", "--set", "data.train_per_client=100"], "has only"),

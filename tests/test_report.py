@@ -180,3 +180,31 @@ def test_summary_table(tmp_path: Path) -> None:
     assert "raw 52.0 → 60.0" in text and "calibrated 63.0 → 70.0" in text and "(update 2)" in text
     assert "23.40 → 20.10 (-14.1%)" in text
     assert "completed" in text
+
+
+def test_the_first_update_shows_whether_the_loop_has_signal(tmp_path: Path) -> None:
+    events = _events()
+    first = next(e for e in events if e["event"] == "server_update" and e["update"] == 1)
+    first.update(mean_q=0.34, chance_q=1 / 3, ensemble_agreement=0.31,
+                 samples_by_label={"neg": ["Pinnacle Discs are a space where logic vanishes"], "pos": ["Great."]})  # fmt: skip
+    events[0]["task_description"] = "patient reviews of a medicine"
+    report = write_report(tmp_path, events, CONFIG).read_text(encoding="utf-8")
+    head = report[: report.index("Plots:")]
+    assert "patient reviews of a medicine" in head
+    assert (
+        "First update: mean q 0.34 (chance 0.33); the SLM ensemble agrees with 31.0 % of the intended labels"
+        in head
+    )
+    assert "- neg: 'Pinnacle Discs are a space where logic vanishes'" in head
+
+
+def test_the_first_update_line_names_q_chance_and_samples() -> None:
+    from crosslm.server.update import first_update_line
+
+    line = first_update_line(
+        {"mean_q": 0.51, "chance_q": 0.5, "ensemble_agreement": 0.62, "splus_size": 12,
+         "samples_by_label": {"negative": ["Dull."], "positive": []}},
+        ("negative", "positive"),
+    )  # fmt: skip
+    assert line.startswith("update 1: mean q 0.51 (chance 0.50); the SLM ensemble agrees with 62 %")
+    assert "  negative: 'Dull.'" in line

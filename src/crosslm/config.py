@@ -54,6 +54,11 @@ class DataConfig:
     text_column: str = option("text", "Text column, for Hugging Face ids and local files.")
     label_column: str = option("label", "Label column, for Hugging Face ids and local files.")
     hf_split: str = option("train", "Split to read from a Hugging Face dataset id.")
+    task_description: str = option(
+        "",
+        "What the texts are, e.g. 'patient reviews of a medicine': the LLM writes training data from it and "
+        "the label names. Required for a dataset outside the catalogue (the catalogue tasks carry their own).",
+    )
     label_descriptions: dict = option(
         {}, "Optional label -> description d(y) used in generation prompts (non-catalogue datasets)."
     )

@@ -261,6 +261,7 @@ class RunSession:
                 "seed": self.cfg.seed,
                 "dataset": self.cfg.data.dataset,
                 "labels": list(self.task.labels),
+                "task_description": self.task.description,
                 "task_wording": self.task.wording(),
                 "llm": self.cfg.llm.model,
                 "method": self.cfg.method,

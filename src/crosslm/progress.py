@@ -74,3 +74,11 @@ class PhaseLine:
 def progress(iterable: Iterable | None = None, **kw: Any) -> Any:
     """`tqdm(iterable, **kw)` on a terminal, a `PhaseLine` elsewhere (same arguments)."""
     return tqdm(iterable, **kw) if use_bars() else PhaseLine(iterable, **kw)
+
+
+def note(text: str) -> None:
+    """A line for the user between progress bars (a bar's own write keeps the bar intact)."""
+    if use_bars():
+        tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)

@@ -25,6 +25,8 @@ class TaskSpec:
     """User message with {text} and {options}, answered by one of the verbalizer strings."""
     text_noun: str = "text"
     kind: str = "classification"
+    description: str = ""
+    """What the texts are, in the task owner's words (`data.task_description`), e.g. 'movie reviews'."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)

@@ -29,10 +29,12 @@ Examples = tuple[list[str], list[int]]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_GENERIC_GENERATION = "Write a short text about {description}."
-_GENERIC_CLASSIFICATION = (
-    "Text: {text}\nWhich label fits this text best? Options: {options}. Answer with the label only."
+# Prompts for a dataset outside the catalogue, built from data.task_description and the label names (or
+# data.label_descriptions); {task} is filled in when the task is built.
+_GENERIC_GENERATION = (
+    "Write one short example of {task}, one that is {{description}}. Reply with the text only."
 )
+_GENERIC_CLASSIFICATION = "Text ({task}): {{text}}\nWhich label fits this text best? Options: {{options}}. Answer with the label only."
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ _ROTTEN_TOMATOES = TaskSpec(
         "Answer with one word."
     ),
     text_noun="movie review",
+    description="movie reviews",
 )
 
 
@@ -102,6 +105,7 @@ _BBC_NEWS = TaskSpec(
         "News article: {text}\nWhat is the topic of this article? Options: {options}. Answer with one word."
     ),
     text_noun="news article",
+    description="BBC news articles",
 )
 
 
@@ -148,6 +152,7 @@ _TREC = TaskSpec(
         "Answer with one word."
     ),
     text_noun="question",
+    description="trivia questions",
 )
 
 
@@ -248,6 +253,7 @@ def _customise(task: TaskSpec, cfg: DataConfig) -> TaskSpec:
         classification_prompt=task.classification_prompt,
         text_noun=task.text_noun,
         kind=task.kind,
+        description=cfg.task_description or task.description,
     )
 
 
@@ -272,6 +278,11 @@ def _label_names(values: list[Any], class_names: Sequence[str] | None) -> tuple[
 def _verbalizer(names: list[str]) -> tuple[str, ...]:
     caps = tuple(n[:1].upper() + n[1:] for n in names)
     return caps if len(set(caps)) == len(caps) else tuple(names)  # capitalising may merge 'a' and 'A'
+
+
+def _braces(text: str) -> str:
+    """`text` as a literal inside a format template (a description may contain braces)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _from_table(ds: Any, cfg: DataConfig, name: str, source: str) -> RawData:
@@ -300,8 +311,9 @@ def _from_table(ds: Any, cfg: DataConfig, name: str, source: str) -> RawData:
         labels=tuple(names),
         descriptions=tuple(names),
         verbalizer=_verbalizer(names),
-        generation_prompt=_GENERIC_GENERATION,
-        classification_prompt=_GENERIC_CLASSIFICATION,
+        generation_prompt=_GENERIC_GENERATION.format(task=_braces(cfg.task_description)),
+        classification_prompt=_GENERIC_CLASSIFICATION.format(task=_braces(cfg.task_description)),
+        description=cfg.task_description,
     )
     return task, [str(t) for t, _ in rows], ids
 
@@ -341,6 +353,17 @@ def _load_hf(cfg: DataConfig) -> RawData:
 # --- public API ---------------------------------------------------------------------------------------
 
 
+def _require_task_description(cfg: DataConfig) -> None:
+    if not cfg.task_description.strip():
+        raise DataError(
+            f"dataset '{cfg.dataset}' is not a catalogue task, so crosslm must be told what its texts are before the "
+            "LLM can write more of them: set data.task_description, e.g. "
+            "--set data.task_description='patient reviews of a medicine' (optionally with "
+            "data.label_descriptions, e.g. {negative: 'a review of a medicine that did not help'}). Without it "
+            "the LLM is asked only for a label name and writes off-topic text."
+        )
+
+
 def load_task_data(cfg: DataConfig) -> tuple[TaskSpec, LabelledTexts]:
     """The task and its cleaned examples: catalogue name, else local file, else Hugging Face dataset id."""
     name = cfg.dataset
@@ -353,10 +376,19 @@ def load_task_data(cfg: DataConfig) -> tuple[TaskSpec, LabelledTexts]:
                 f"local file '{path}' has an unsupported extension '{path.suffix}'; "
                 f"expected one of {', '.join(LOCAL_FORMATS)}."
             )
+        _require_task_description(cfg)
         task, texts, labels = _load_local(path, cfg)
     elif path.suffix.lower() in LOCAL_FORMATS:
         raise _unknown(name, f"and the local file '{path}' does not exist")
     else:
+        if _HF_ID.match(name):
+            if not cfg.task_description.strip() and difflib.get_close_matches(
+                name, list(DATASETS), n=1, cutoff=0.6
+            ):
+                raise _unknown(
+                    name, "not an existing local file, and not tried as a Hugging Face id"
+                )  # a typo
+            _require_task_description(cfg)
         task, texts, labels = _load_hf(cfg)
     data = clean_texts(texts, labels, cfg.max_chars)
     present = set(data.labels)

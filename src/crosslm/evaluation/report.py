@@ -235,16 +235,38 @@ def _summary(run: _Run, config: dict[str, Any]) -> str:
         wall = _duration(run.run_end.get("wall"))
     else:
         wall = f"{_duration(run.last.get('wall'))} until the last logged event"
+    task = f" — {rs['task_description']}" if rs.get("task_description") else ""
     text = (
-        f"Dataset **{dataset}** (labels: {labels}), seed {seed}. "
+        f"Dataset **{dataset}**{task} (labels: {labels}), seed {seed}. "
         f"{len(run.clients)} client(s): {clients}. Server LLM **{llm}**. "
         f"{run.n_updates} server update(s); wall time {wall}. Status: {_status(run)}."
     )
+    text += _first_update(run)
     m = rs.get("machine")
     if isinstance(m, dict):
         text += f"\n\nMachine: {describe_machine(m)}."
     links = "\n".join(f"- [{title}](plots/{name})" for name, title in PLOTS.items())
     return f"{text}\n\nPlots:\n\n{links}"
+
+
+def _first_update(run: _Run) -> str:
+    """Whether the generator writes the task's kind of text and the SLMs can tell its labels apart: the
+    first update's mean q against chance, the ensemble's agreement, and a few of its texts per label."""
+    first = next((u for u in run.updates if u.get("update") == 1 and "samples_by_label" in u), None)
+    if first is None:
+        return ""
+    q, chance, agree = (
+        _num(first.get("mean_q")),
+        _num(first.get("chance_q")),
+        _num(first.get("ensemble_agreement")),
+    )
+    text = "\n\nFirst update: "
+    if q is not None and not math.isnan(q):
+        text += f"mean q {q:.2f} (chance {chance:.2f}); the SLM ensemble agrees with {_pct(agree)} % of the intended labels. "
+    text += "A few of its texts:\n"
+    for label, texts in (first.get("samples_by_label") or {}).items():
+        text += "".join(f"\n- {label}: {t!r}" for t in texts)
+    return text
 
 
 def _label_counts(info: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from crosslm.modeling.metrics import distinct_n
 from crosslm.modeling.slm import fit
+from crosslm.progress import note
 from crosslm.protocol import WireMessage
 from crosslm.seeding import pass_seed
 from crosslm.server.feedback import Feedback, candidates, score, select_good, staleness_weights
@@ -84,7 +85,11 @@ def crosslm_update(server: CrossLMServer, triggers: list[str], u: int) -> list[t
     if server.cfg.tune.steps > 0:  # an untuned LLM scores what it scored at update 0
         server.evaluate_llm(u)
     timer("evaluate_llm")
-    server.log(update_event(server, u, triggers, weights, new, gstats, sel, losses, timer))
+    event = update_event(server, u, triggers, weights, new, gstats, sel, losses, timer)
+    if u == 1:  # whether the generator writes the user's kind of text shows in the first minutes
+        event["samples_by_label"] = samples_by_label(server, new)
+        note(first_update_line(event, server.task.labels))
+    server.log(event)
     return responses
 
 
@@ -198,6 +203,8 @@ def update_event(
         "gen_dtype": gstats.dtype,
         "distinct2": distinct_n([server.pool[i].text for i in new], 2),
         "mean_q": float(new_q.mean()) if len(new_q) else float("nan"),
+        "chance_q": 1.0 / num_labels,
+        "ensemble_agreement": agreement(server, new, sel),
         "tau": tau,
         "share_q_ge_tau": float((new_q >= tau).float().mean()) if len(new_q) else float("nan"),
         "pool_size": len(server.pool),
@@ -208,6 +215,39 @@ def update_event(
         "seconds": timer.seconds,
         "phase_seconds": timer.phases,
     }
+
+
+def agreement(server: CrossLMServer, new: range, sel: Selection) -> float:
+    """Share of the new samples whose intended label is the SLM ensemble's prediction (NaN unscored)."""
+    if not server.cfg.feedback.enabled or not len(new):
+        return float("nan")
+    predicted = sel.feedback.predicted[list(new)]
+    intended = torch.tensor([server.pool[i].label for i in new])
+    return float((predicted == intended).float().mean())
+
+
+def samples_by_label(
+    server: CrossLMServer, new: range, per_label: int = 2, chars: int = 160
+) -> dict[str, list[str]]:
+    """The first few new samples of each label, cut short: a look at what the generator writes."""
+    out: dict[str, list[str]] = {name: [] for name in server.task.labels}
+    for i in new:
+        e = server.pool[i]
+        shown = out[server.task.labels[e.label]]
+        if len(shown) < per_label:
+            shown.append(e.text if len(e.text) <= chars else e.text[: chars - 3] + "...")
+    return out
+
+
+def first_update_line(event: dict[str, Any], labels: tuple[str, ...]) -> str:
+    """The first update in a few lines: mean q against chance, the ensemble's agreement, sample texts."""
+    lines = [
+        f"update 1: mean q {event['mean_q']:.2f} (chance {event['chance_q']:.2f}); the SLM ensemble agrees with "
+        f"{100 * event['ensemble_agreement']:.0f} % of the intended labels; S+ holds {event['splus_size']} texts"
+    ]
+    for label, texts in event.get("samples_by_label", {}).items():
+        lines += [f"  {label}: {t!r}" for t in texts]
+    return "\n".join(lines)
 
 
 def pool_texts(server: CrossLMServer) -> list[str]:
