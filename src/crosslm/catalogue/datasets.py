@@ -360,7 +360,8 @@ def _require_task_description(cfg: DataConfig) -> None:
             "LLM can write more of them: set data.task_description, e.g. "
             "--set data.task_description='patient reviews of a medicine' (optionally with "
             "data.label_descriptions, e.g. {negative: 'a review of a medicine that did not help'}). Without it "
-            "the LLM is asked only for a label name and writes off-topic text."
+            "the LLM is asked only for a label name and writes off-topic text. Catalogue tasks: "
+            f"{', '.join(DATASETS)}."
         )
 
 
