@@ -168,3 +168,33 @@ def test_ctrl_c_leaves_valid_files(tmp_path):
     assert ev[-1]["event"] == "run_end" and ev[-1]["interrupted"] is True
     assert "interrupted" in (tmp_path / "int" / "report.md").read_text().lower()
     assert not list((tmp_path / "int").glob(".*.tmp"))
+
+
+def test_shuffled_labels_find_no_signal_and_harm_no_model(tmp_path):
+    """Labels shuffled over rotten-tomatoes' texts carry nothing to learn: with the guard at its defaults
+    (tiny.yaml turns it off) the server must notice, leave the LLM and the SLMs as they are, say so at the
+    top of the report, and no reply may lower a client's validation macro-F1."""
+    path = tmp_path / "shuffled.csv"
+    made = subprocess.run([sys.executable, "scripts/catalogue_csv.py", "rotten-tomatoes", str(path), "--shuffle"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    res = _crosslm(
+        "run", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", "name=shuffled",
+        "--set", f"data.dataset={path}", "--set", "data.task_description=movie reviews",
+        "--set", "feedback.min_separation=0.05", timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "shuffled"
+    ev = _events(run_dir)
+    updates = [e for e in ev if e["event"] == "server_update"]
+    assert len(updates) == 2 and all(u["signal"] is False and u["splus_size"] == 0 for u in updates)
+    assert [e["update"] for e in ev if e["event"] == "llm_eval"] == [0]  # the LLM was never changed
+    ppl = [e["perplexity"] for e in ev if e["event"] == "perplexity"]
+    assert len(ppl) == 2 and ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+    enhanced = [e for e in ev if e["event"] == "enhanced"]
+    assert enhanced
+    tolerance = 0.15  # clients.accept_tolerance's default
+    for e in enhanced:
+        assert e["after"]["validation"]["macro_f1"] >= e["before"]["validation"]["macro_f1"] - tolerance
+    head = (run_dir / "report.md").read_text(encoding="utf-8").split("Dataset **")[0]
+    assert "**No signal at update(s) 1, 2** of 2" in head

@@ -27,8 +27,10 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
         {"event": "llm_eval", "update": 0, "raw_accuracy": 0.6, "calibrated_accuracy": 0.65},
         {"event": "server_update", "update": 1, "distinct2": 0.8, "seconds": 10.0},
         {"event": "llm_eval", "update": 1, "raw_accuracy": 0.7, "calibrated_accuracy": 0.68},
-        {"event": "server_update", "update": 2, "distinct2": 0.76, "seconds": 12.0},
+        {"event": "server_update", "update": 2, "distinct2": 0.76, "seconds": 12.0, "signal": False},
         {"event": "enhanced", "client": "a", "update": 1, "bytes": 2**20, "before": g(0.5), "after": g(0.75)},
+        {"event": "enhanced", "client": "b", "update": 2, "bytes": 2**20, "adopted": 0, "before": g(0.7),
+         "after": g(0.7)},
         {"event": "perplexity", "stage": "start", "perplexity": 20.0},
         {"event": "perplexity", "stage": "end", "perplexity": 20.1},
         {"event": "client_eval", "client": "a", **g(0.6)},
@@ -55,8 +57,9 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
     r = cell_row(tmp_path)
     assert r["machine"] == "Xeon (2 threads), torch 2.13.0+cpu, CPU precision auto = float32"
     assert r["slm_acc"] == pytest.approx(0.7) and r["slm_start_acc"] == pytest.approx(0.6)
-    assert r["slm_served_acc"] == pytest.approx(0.6)  # only 'a' got a reply; 'b' (0.8) never did
-    assert r["slm_reply_gain"] == pytest.approx(0.25)  # 0.5 -> 0.75 at the one reply
+    assert r["slm_served_acc"] == pytest.approx(0.7)  # 'a' and 'b' were replied to ('b' refused its reply)
+    assert r["slm_reply_gain"] == pytest.approx(0.125)  # 0.5 -> 0.75 and 0.7 -> 0.7
+    assert (r["refused_replies"], r["no_signal_updates"], r["llm_rollbacks"]) == (1, 1, 0)
     assert r["slm_f1"] == pytest.approx(0.6) and r["slm_local_acc"] == pytest.approx(0.8)
     assert r["llm_acc"] == 0.7 and r["llm_zero_shot"] == 0.65
     assert r["ppl_change_pct"] == pytest.approx(0.5)

@@ -178,3 +178,33 @@ def test_select_good_fill_keeps_every_label_with_its_highest_q_samples():
         select_good(labels, fb, missing_labels="pad", **kw)
     with pytest.raises(ConfigError, match=r"feedback\.missing_labels.*empty or skip or fill"):
         load_config(None, ["feedback.missing_labels=pad"])
+
+
+def test_label_separation_ignores_a_bias_and_sees_a_signal():
+    from crosslm.server.feedback import label_separation
+
+    y = torch.tensor([0, 1, 2] * 4)
+    biased = torch.tensor([[0.8, 0.1, 0.1]] * 12)  # one label everywhere: no information about y
+    assert label_separation(biased, y, 3) == pytest.approx(0.0, abs=1e-6)
+    right = torch.nn.functional.one_hot(y, 3).float()
+    assert label_separation(right, y, 3) == pytest.approx(1.0)
+
+
+def test_the_guard_skips_a_flat_ensemble_and_keeps_a_weak_noisy_one():
+    from crosslm.server.feedback import Feedback, label_signal
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+
+    def signal(probs):
+        fb = Feedback(q=probs[torch.arange(60), y], ensemble_probs=probs, per_client={})
+        return label_signal(y.tolist(), fb, num_labels=3, min_separation=0.05, confidence=0.95)
+
+    flat = torch.full((60, 3), 1 / 3) + 0.01 * torch.randn(60, 3, generator=gen)  # scores ignore the text
+    lost = signal(flat)
+    assert not lost.found and lost.upper < 0.05 and "upper bound" in lost.reason
+    weak = 0.8 * torch.softmax(3 * torch.randn(60, 3, generator=gen), -1) + 0.2 * onehot  # weak but real
+    kept = signal(weak)
+    assert kept.found and kept.reason == "" and kept.upper >= kept.separation
+    assert signal(onehot).separation == pytest.approx(1.0)

@@ -102,7 +102,8 @@ def test_missing_labels_rule_decides_what_the_server_distils(monkeypatch, rule, 
     """Label 'pos' is never the ensemble's argmax: the configured rule reaches select_good, the event names
     the label, and the client's reply is distilled on what the rule kept."""
     srv = _server("crosslm", **{"distill.epochs": 1, "tune.steps": 0, "feedback.tau": 0.5,
-                                "feedback.max_per_label": 2, "feedback.missing_labels": rule})  # fmt: skip
+                                "feedback.max_per_label": 2, "feedback.missing_labels": rule,
+                                "feedback.min_separation": -1})  # fmt: skip
     srv.receive(encode(_upload(make_classifier("bert", 100))), sender="client-0")
     samples = [GeneratedSample(f"sample number {i}", i % 2, f"h{i}") for i in range(6)]
     monkeypatch.setattr(
@@ -161,3 +162,93 @@ def test_centralized_trains_one_slm_on_the_union_of_the_clients_data(tmp_path, m
 
 class _Tok:
     pass
+
+
+def _scored_server(monkeypatch, probs: torch.Tensor, **sets):
+    """A CrossLM server whose LLM is a small linear layer, with generation and SLM scoring replaced."""
+    cfg = load_config(None, ["method=crosslm", "distill.epochs=1", "tune.steps=2", "feedback.tau=0.5",
+                             *[f"{k}={v}" for k, v in sets.items()]])  # fmt: skip
+    log: list[dict] = []
+    llm = torch.nn.Linear(2, 2)
+    srv = CrossLMServer(cfg, TASK, llm, None, LabelledTexts(), log=log.append, log_synthetic=log.append)
+    srv.events = log
+    model = make_classifier("bert", 100)
+    srv.receive(encode(_upload(model)), sender="client-0")
+    n = len(probs)
+    samples = [GeneratedSample(f"sample number {i}", i % 2, f"h{i}") for i in range(n)]
+    monkeypatch.setattr(
+        "crosslm.server.update.generate_samples", lambda *a, **k: (samples, GenerationStats(n, n, 60, 1.0))
+    )
+    labels = torch.tensor([s.label for s in samples])
+    fb = Feedback(q=probs[torch.arange(n), labels], ensemble_probs=probs, per_client={"client-0": probs})
+    monkeypatch.setattr("crosslm.server.update.score", lambda *a, **k: fb)
+    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
+    monkeypatch.setattr("crosslm.server.update.fit", lambda *a, **k: 0.0)  # distillation: not under test
+    srv.models["client-0"].tokenizer = None
+    return srv, model
+
+
+def test_an_update_without_signal_neither_tunes_the_llm_nor_distils(monkeypatch):
+    """The ensemble gives every text the same scores whatever its intended label: nothing to learn from."""
+    probs = torch.tensor([[0.7, 0.3]] * 24)
+    srv, model = _scored_server(monkeypatch, probs)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a no-signal update must not tune, distil or re-evaluate")
+
+    for name in ("tune_adapter", "fit"):
+        monkeypatch.setattr(f"crosslm.server.update.{name}", forbidden)
+    monkeypatch.setattr(srv, "evaluate_llm", forbidden)
+    [(_, wire)] = srv.step()
+    update = next(e for e in srv.events if e.get("event") == "server_update")
+    assert update["signal"] is False and "separation" in update["no_signal_reason"]
+    assert update["label_separation"] == pytest.approx(0.0, abs=1e-6) and update["splus_size"] == 0
+    back = decode(wire, expected_labels=["neg", "pos"], max_bytes=1 << 30, expected_type="slm_enhanced")
+    sd = model.state_dict()
+    assert all(torch.allclose(back.state_dict[k].float(), sd[k].float(), atol=1e-2) for k in sd)
+
+
+def _separating(n: int = 24) -> torch.Tensor:
+    return torch.tensor([[0.8, 0.2] if i % 2 == 0 else [0.2, 0.8] for i in range(n)])
+
+
+def test_an_llm_update_that_collapses_its_predictions_on_splus_is_undone(monkeypatch):
+    srv, _ = _scored_server(monkeypatch, _separating())
+    start = {k: v.clone() for k, v in srv.llm.state_dict().items()}
+
+    def tune(model, *a, **k):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return {"total": 1.0, "qg": 1.0, "task": 0.0, "pr": 0.0}
+
+    shares = iter([0.5, 1.0])  # before the update: both labels; after: one label for every S+ text
+    monkeypatch.setattr("crosslm.server.update.tune_adapter", tune)
+    monkeypatch.setattr("crosslm.server.update.majority_share", lambda server, texts: next(shares))
+    monkeypatch.setattr(
+        srv, "evaluate_llm", lambda u: pytest.fail("an undone update leaves nothing to evaluate")
+    )
+    srv.step()
+    update = next(e for e in srv.events if e.get("event") == "server_update")
+    assert update["signal"] is True and update["separation_upper"] >= update["label_separation"] > 0.5
+    assert update["rolled_back"] is True and update["llm_majority_share"] == [0.5, 1.0]
+    assert all(torch.equal(srv.llm.state_dict()[k], v) for k, v in start.items())
+
+
+def test_an_llm_update_that_keeps_both_labels_stays(monkeypatch):
+    srv, _ = _scored_server(monkeypatch, _separating())
+    evaluated: list[int] = []
+
+    def tune(model, *a, **k):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return {"total": 1.0, "qg": 1.0, "task": 0.0, "pr": 0.0}
+
+    shares = iter([0.5, 0.6])
+    monkeypatch.setattr("crosslm.server.update.tune_adapter", tune)
+    monkeypatch.setattr("crosslm.server.update.majority_share", lambda server, texts: next(shares))
+    monkeypatch.setattr(srv, "evaluate_llm", evaluated.append)
+    before = srv.llm.weight.clone()
+    srv.step()
+    update = next(e for e in srv.events if e.get("event") == "server_update")
+    assert update["rolled_back"] is False and evaluated == [1]
+    assert torch.equal(srv.llm.weight, before + 1.0)

@@ -208,3 +208,30 @@ def test_the_first_update_line_names_q_chance_and_samples() -> None:
     )  # fmt: skip
     assert line.startswith("update 1: mean q 0.51 (chance 0.50); the SLM ensemble agrees with 62 %")
     assert "  negative: 'Dull.'" in line
+
+
+def test_the_report_opens_with_what_the_guards_did(tmp_path: Path) -> None:
+    events = _events()
+    updates = [e for e in events if e["event"] == "server_update"]
+    updates[0].update(
+        signal=False, label_separation=0.01, no_signal_reason="label separation 0.010 is below 0.05"
+    )
+    updates[1].update(signal=True, rolled_back=True, llm_majority_share=[0.55, 0.97])
+    enhanced = next(e for e in events if e["event"] == "enhanced")
+    enhanced.update(adopted=0, before={**enhanced["before"], "validation": {"accuracy": 0.8, "macro_f1": 0.78}},
+                    offered={"validation": {"accuracy": 0.5, "macro_f1": 0.33}, "global": {"accuracy": 0.6, "macro_f1": 0.5}})  # fmt: skip
+    report = write_report(tmp_path, events, CONFIG).read_text(encoding="utf-8")
+    head = report[: report.index("Dataset **")]  # before the summary's first sentence
+    assert "**No signal at update(s) 1** of 2" in head and "label separation 0.010 is below 0.05" in head
+    assert "**LLM updates undone: 2 (97.0 %)**" in head
+    assert (
+        "**1 of 3 enhanced SLMs refused**" in head
+        and "client-0 at update 1 (validation macro-F1 0.78 → offered 0.33; global accuracy kept 55.0 %, offered 60.0 %)"
+        in head
+    )
+    assert "| **refused** |" in report  # and in the enhanced-SLM table
+
+
+def test_a_run_where_every_guard_stayed_quiet_has_no_guard_lines(tmp_path: Path) -> None:
+    report = write_report(tmp_path, _events(), CONFIG).read_text(encoding="utf-8")
+    assert "No signal" not in report and "undone" not in report and "refused" not in report

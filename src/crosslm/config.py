@@ -112,6 +112,17 @@ class ClientConfig:
         0,
         "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
     )
+    validation_fraction: float = option(
+        0.1,
+        "Share of each client's own training data held out (stratified, never trained on) to decide whether "
+        "an enhanced SLM from the server is adopted (0 = no hold-out: every reply is adopted).",
+    )
+    accept_tolerance: float = option(
+        0.15,
+        "An enhanced SLM is adopted when its macro-F1 on the client's held-out validation part is at least "
+        "the client's own model's minus this; otherwise the client keeps its own weights and reports the "
+        "refusal.",
+    )
 
 
 @dataclass
@@ -181,6 +192,17 @@ class FeedbackConfig:
         True,
         "False = data-free KD without feedback: no SLM scoring, S+ = every generated sample, hard labels.",
     )
+    min_separation: float = option(
+        0.05,
+        "No-signal guard: an update whose SLM ensemble is sure to separate the intended labels of the scored "
+        "pool by less than this (mean over labels of p(c) on texts meant as c minus p(c) on the others; 0 = "
+        "the scores ignore the label) neither tunes the LLM nor distils; -1 turns the guard off.",
+    )
+    signal_confidence: float = option(
+        0.95,
+        "No-signal guard: 'sure' means the separation's one-sided bootstrap upper bound at this confidence "
+        "(over the pool's texts) is below feedback.min_separation (docs/configuration.md#guards).",
+    )
 
     def threshold(self, num_labels: int) -> float:
         """tau as a number: 'auto' resolves to TAU_AUTO_FACTOR / num_labels once the task's labels are known."""
@@ -201,6 +223,11 @@ class TuneConfig:
     alpha: float = option(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
     hard: bool = option(False, "Hard L_QG: q thresholded at tau.")
     qg_weight: float = option(1.0, "Weight of L_QG (0 = the 'without L_QG' ablation).")
+    collapse_share: float = option(
+        0.9,
+        "Rollback: an adapter update after which the LLM predicts one label for at least this share of a "
+        "label-balanced sample of S+ (and did not before) is undone; 1 turns the rollback off.",
+    )
     autocast: str = option(
         "auto",
         "Compute dtype of the tuning passes: float32, bfloat16 (torch autocast; the adapter and optimizer "
@@ -518,8 +545,13 @@ def validate(cfg: RunConfig) -> None:
         "crosslm, fedavg or none",
     )
     need(c.extra_local_epochs >= 0, "clients.extra_local_epochs", "0 or more")
+    need(0 <= c.validation_fraction < 1, "clients.validation_fraction", "a share in [0, 1)")
+    need(c.accept_tolerance >= 0, "clients.accept_tolerance", "0 or more (a macro-F1 difference)")
     need(c.logit_adjust >= 0, "clients.logit_adjust", "0 or more (0 = plain cross-entropy)")
     need(t.qg_weight >= 0, "tune.qg_weight", "a non-negative weight")
+    need(0 < t.collapse_share <= 1, "tune.collapse_share", "a share in (0, 1] (1 = no rollback)")
+    need(fb.min_separation <= 1, "feedback.min_separation", "at most 1 (-1 = no guard)")
+    need(0.5 <= fb.signal_confidence < 1, "feedback.signal_confidence", "a confidence in [0.5, 1)")
     need(
         fb.enabled or (t.steps == 0 and ds.mu == 0),
         "feedback.enabled",

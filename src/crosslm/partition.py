@@ -159,3 +159,19 @@ def federated_split(
 def label_histogram(parts: Sequence[LabelledTexts], num_labels: int) -> list[list[int]]:
     """Label counts per part (rows = parts), for logs and the label-skew plot."""
     return [part.label_counts(num_labels) for part in parts]
+
+
+def stratified_holdout(
+    data: LabelledTexts, num_labels: int, fraction: float, seed: int
+) -> tuple[LabelledTexts, LabelledTexts]:
+    """(kept, held out): round(fraction * n_c) texts of each label c held out, drawn with `seed`, so the
+    held-out part has the label mix of the whole (a label with a handful of texts may give none)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(data.labels)
+    held: list[int] = []
+    for c in range(num_labels):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(idx)))
+        held += rng.choice(idx, size=k, replace=False).tolist() if k else []
+    out = set(held)
+    return data.subset([i for i in range(len(data)) if i not in out]), data.subset(sorted(held))

@@ -68,7 +68,8 @@ class PhaseLine:
         self.closed = True
         count = f"{self.n}/{self.total}" if self.total is not None and self.total != self.n else f"{self.n}"
         tail = f" ({self.postfix})" if self.postfix else ""
-        self.write(f"{self.desc}: {count} {self.unit} in {time.perf_counter() - self.start:.1f} s{tail}")
+        unit = self.unit if self.n == 1 or self.unit == "it" or self.unit.endswith("s") else self.unit + "s"
+        self.write(f"{self.desc}: {count} {unit} in {time.perf_counter() - self.start:.1f} s{tail}")
 
 
 def progress(iterable: Iterable | None = None, **kw: Any) -> Any:

@@ -25,6 +25,8 @@ _PASSES = {
     "generate": (100_003, 0),  # the LLM's sampling: run seed, update
     "tune_llm": (7919, 0),  # the adapter's batches: run seed, update
     "distil": (31, 0),  # distillation into the SLMs: run seed, update
+    "validation": (1000, 900),  # the client's held-out validation part: client seed, 0
+    "signal": (613, 0),  # the permutation test of the ensemble's label separation: run seed, update
 }
 
 

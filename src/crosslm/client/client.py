@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from crosslm.config import ClientConfig
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_dir, atomic_write_json
 from crosslm.modeling.slm import evaluate, train_supervised
+from crosslm.partition import stratified_holdout
 from crosslm.precision import resolve_device
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
 from crosslm.seeding import pass_seed
@@ -32,6 +33,8 @@ class ClientData:
     train: LabelledTexts
     test: LabelledTexts
     global_test: LabelledTexts
+    validation: LabelledTexts = field(default_factory=LabelledTexts)
+    """Held out of the client's training data: decides whether an enhanced SLM is adopted."""
 
 
 class Client:
@@ -50,6 +53,11 @@ class Client:
         self.client_id = client_id
         self.slm = slm
         self.task = task
+        if cfg.validation_fraction > 0 and not len(data.validation):
+            train, held = stratified_holdout(
+                data.train, task.num_labels, cfg.validation_fraction, pass_seed(seed, "validation", 0)
+            )
+            data = replace(data, train=train, validation=held)
         self.data = data
         self.cfg = cfg
         self.seed = seed
@@ -62,12 +70,18 @@ class Client:
         self.metrics: dict[str, dict[str, float]] = {}  # of the current weights (unchanged since upload)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
+        """Metrics of the current weights on the client's test split, the global test split (a
+        simulation-only split; a real deployment may have none) and its held-out validation part."""
+        splits = {
+            "local": self.data.test,
+            "global": self.data.global_test,
+            "validation": self.data.validation,
+        }
+        return {name: self._score(data) for name, data in splits.items() if name == "local" or len(data)}
+
+    def _score(self, data: LabelledTexts) -> dict[str, float]:
         kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
-        n = self.task.num_labels
-        out = {"local": evaluate(self.model, self.tokenizer, self.data.test, n, **kw)}
-        if len(self.data.global_test):  # a simulation-only split; a real deployment may have none
-            out["global"] = evaluate(self.model, self.tokenizer, self.data.global_test, n, **kw)
-        return out
+        return evaluate(self.model, self.tokenizer, data, self.task.num_labels, **kw)
 
     def _train_private(self, epochs: int, seed: int, desc: str) -> float:
         """Supervised training on the client's private data with its local settings."""
@@ -121,7 +135,10 @@ class Client:
         return encode(upload, dtype=self.cfg.upload_dtype), event
 
     def receive_enhanced(self, wire: WireMessage) -> dict[str, Any]:
-        """Validate and adopt the server's enhanced SLM; record test accuracy before and after."""
+        """Validate the server's enhanced SLM and adopt it unless it is worse on the client's held-out
+        validation part than the model the client has (macro-F1 below it by more than the tolerance):
+        then the client keeps its own weights and reports the refusal (`adopted` 0). Test accuracy is
+        recorded before and after."""
         msg = decode(
             wire,
             expected_labels=list(self.task.labels),
@@ -130,8 +147,20 @@ class Client:
         )
         assert isinstance(msg, SLMEnhanced)
         before = self.metrics or self.evaluate()
+        own = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(msg.state_dict, strict=True)
-        self.base_version = msg.server_update
+        offered: dict[str, dict[str, float]] = {}
+        adopted = True
+        if len(self.data.validation) and "validation" in before:
+            offered = {"validation": self._score(self.data.validation)}
+            floor = before["validation"]["macro_f1"] - self.cfg.accept_tolerance
+            adopted = offered["validation"]["macro_f1"] >= floor - 1e-9
+        if adopted:
+            self.base_version = msg.server_update
+        else:
+            if len(self.data.global_test):  # simulation only: what the refusal cost on the global split
+                offered["global"] = self._score(self.data.global_test)
+            self.model.load_state_dict(own, strict=True)
         if self.cfg.extra_local_epochs > 0:  # standalone baseline: the server's effort, spent locally
             self._train_private(
                 self.cfg.extra_local_epochs,
@@ -143,7 +172,9 @@ class Client:
             "event": "enhanced",
             "client": self.client_id,
             "update": msg.server_update,
+            "adopted": int(adopted),
             "before": before,
+            **({"offered": offered} if offered else {}),
             "after": after,
         }
 

@@ -236,7 +236,7 @@ def _summary(run: _Run, config: dict[str, Any]) -> str:
     else:
         wall = f"{_duration(run.last.get('wall'))} until the last logged event"
     task = f" — {rs['task_description']}" if rs.get("task_description") else ""
-    text = (
+    text = _guards(run) + (
         f"Dataset **{dataset}**{task} (labels: {labels}), seed {seed}. "
         f"{len(run.clients)} client(s): {clients}. Server LLM **{llm}**. "
         f"{run.n_updates} server update(s); wall time {wall}. Status: {_status(run)}."
@@ -247,6 +247,55 @@ def _summary(run: _Run, config: dict[str, Any]) -> str:
         text += f"\n\nMachine: {describe_machine(m)}."
     links = "\n".join(f"- [{title}](plots/{name})" for name, title in PLOTS.items())
     return f"{text}\n\nPlots:\n\n{links}"
+
+
+def _guards(run: _Run) -> str:
+    """What the run's guards did, first: updates that found no signal, LLM updates undone, enhanced SLMs
+    a client refused. Empty when none fired."""
+    lines = []
+    silent = [u for u in run.updates if u.get("signal") is False]
+    if silent:
+        which = ", ".join(_int(u.get("update")) for u in silent)
+        lines.append(
+            f"**No signal at update(s) {which}** of {len(run.updates)}: the SLM ensemble could not tell the "
+            f"intended labels of the synthetic texts apart ({silent[0].get('no_signal_reason')}), so those "
+            "updates neither tuned the LLM nor distilled into the SLMs. Check that the generator writes your "
+            "kind of text (data.task_description, data.label_descriptions) and that the labels can be learnt."
+        )
+    undone = [u for u in run.updates if u.get("rolled_back")]
+    if undone:
+        shares = ", ".join(f"{_int(u.get('update'))} ({_pct(_majority_after(u))} %)" for u in undone)
+        lines.append(
+            f"**LLM updates undone: {shares}** — after tuning, the LLM called that share of S+ by one label, "
+            "so its adapter went back to the weights before the update."
+        )
+    refused = [e for e in run.enhanced if e.get("adopted") == 0]
+    if refused:
+        items = ", ".join(_refusal(e) for e in refused)
+        lines.append(
+            f"**{len(refused)} of {len(run.enhanced)} enhanced SLMs refused** by their clients, which kept "
+            f"their own weights: {items}."
+        )
+    return "".join(f"{line}\n\n" for line in lines)
+
+
+def _refusal(e: dict[str, Any]) -> str:
+    text = (
+        f"{e.get('client', NA)} at update {_int(e.get('update'))} (validation macro-F1 "
+        f"{_fmt(_get(e, 'before', 'validation', 'macro_f1'), 2)} → offered "
+        f"{_fmt(_get(e, 'offered', 'validation', 'macro_f1'), 2)}"
+    )
+    if _get(e, "offered", "global", "accuracy") is not None:  # a simulation's global split
+        text += (
+            f"; global accuracy kept {_pct(_get(e, 'before', 'global', 'accuracy'))} %, offered "
+            f"{_pct(_get(e, 'offered', 'global', 'accuracy'))} %"
+        )
+    return text + ")"
+
+
+def _majority_after(update: dict[str, Any]) -> float | None:
+    share = update.get("llm_majority_share")  # [before, after] the update's tuning
+    return share[1] if isinstance(share, list) and len(share) == 2 else None
 
 
 def _first_update(run: _Run) -> str:
@@ -342,6 +391,7 @@ def _enhanced_section(run: _Run) -> str:
             _arrow(_get(e, "before", "local", "accuracy"), _get(e, "after", "local", "accuracy")),
             _arrow(_get(e, "before", "global", "accuracy"), _get(e, "after", "global", "accuracy")),
             _pp(_get(e, "before", "global", "accuracy"), _get(e, "after", "global", "accuracy")),
+            "**refused**" if e.get("adopted") == 0 else "yes",
         ]
         for e in run.enhanced
     ]
@@ -351,8 +401,9 @@ def _enhanced_section(run: _Run) -> str:
         "local acc % before → after",
         "global acc % before → after",
         "Δ global (pp)",
+        "adopted",
     ]
-    return _md_table(headers, rows, "rlrrr")
+    return _md_table(headers, rows, "rlrrrl")
 
 
 def _llm_section(run: _Run) -> str:

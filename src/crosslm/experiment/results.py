@@ -20,7 +20,8 @@ COLUMNS = [
     "task", "method", "seed", "slm_acc", "slm_served_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "slm_reply_gain", "llm_acc",
     "llm_raw_acc", "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
     "fidelity_q_ge_tau", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
-    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds", "machine",
+    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds", "refused_replies",
+    "no_signal_updates", "llm_rollbacks", "machine",
 ]  # fmt: skip
 
 
@@ -69,6 +70,9 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "client_seconds": sum(e.get("seconds", 0.0) for e in by["client_trained"]),
         "server_seconds": sum(e.get("seconds", 0.0) for e in updates),
         "wall_seconds": by["run_end"][-1].get("wall", float("nan")) if by["run_end"] else float("nan"),
+        "refused_replies": sum(1 for e in by["enhanced"] if e.get("adopted") == 0),  # the guards' work
+        "no_signal_updates": sum(1 for e in updates if e.get("signal") is False),
+        "llm_rollbacks": sum(1 for e in updates if e.get("rolled_back")),
         "per_client": {c: _get(e, "global", "accuracy") for c, e in final.items()},
         "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
         "machine": describe_machine(m) if (m := (by["run_start"] or [{}])[0].get("machine")) else "",

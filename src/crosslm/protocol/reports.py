@@ -14,14 +14,14 @@ from typing import Any
 from crosslm.errors import ProtocolError
 
 METRIC_KEYS = frozenset({"accuracy", "macro_f1"})
-SPLITS = frozenset({"local", "global"})
+SPLITS = frozenset({"local", "global", "validation"})
 # event kind -> its numeric fields; "client" and "event" are always present, split metrics are optional.
 REPORT_FIELDS: dict[str, frozenset[str]] = {
     "client_trained": frozenset({"round", "base_version", "train_loss", "seconds"}),
-    "enhanced": frozenset({"update"}),
+    "enhanced": frozenset({"update", "adopted"}),
     "client_eval": frozenset({"round", "base_version"}),
 }
-NESTED = {"client_trained": None, "enhanced": ("before", "after"), "client_eval": None}
+NESTED = {"client_trained": None, "enhanced": ("before", "offered", "after"), "client_eval": None}
 MAX_REPORT_BYTES = 4096
 
 

@@ -153,3 +153,62 @@ def select_good(
         m = min(min_per_label, max_per_label)
         per_label = [_top_up(p, ranked(c)) if p else p for c, p in enumerate(per_label)]
     return sorted(i for p in per_label for i in p[:m])
+
+
+def label_separation(probs: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
+    """mean_c [mean p(c|x) over texts meant as c  -  mean p(c|x) over texts meant as another label].
+
+    0 when the scores do not depend on the intended label (an ensemble that predicts one label, or the
+    prior, everywhere), 1 when it is certain and right. Unlike mean q it does not move with a bias toward
+    one label, so it compares across tasks and label counts."""
+    gaps = []
+    for c in range(num_labels):
+        mine, other = labels == c, labels != c
+        if mine.any() and other.any():
+            gaps.append(probs[mine, c].mean() - probs[other, c].mean())
+    return float(torch.stack(gaps).mean()) if gaps else 0.0
+
+
+@dataclass
+class Signal:
+    """Whether the SLM ensemble tells the intended labels apart on the scored pool."""
+
+    separation: float
+    upper: float  # the one-sided bootstrap upper bound of the separation
+    found: bool
+    reason: str  # why not, when not found
+
+
+def label_signal(
+    labels: Sequence[int],
+    feedback: Feedback,
+    *,
+    num_labels: int,
+    min_separation: float,
+    confidence: float,
+    resamples: int = 200,
+    seed: int = 0,
+) -> Signal:
+    """No signal when the ensemble is sure to separate the labels by less than `min_separation`: the
+    `confidence` upper bound of the separation, over `resamples` bootstrap draws of the pool's texts
+    (within each label), is below it. A flat ensemble (every text scored alike) is caught on a few texts;
+    a weak but noisy one, whose separation could be real, is given the benefit of the doubt."""
+    y = torch.tensor(list(labels), dtype=torch.long)
+    probs = feedback.ensemble_probs
+    observed = label_separation(probs, y, num_labels)
+    gen = torch.Generator().manual_seed(seed)
+    groups = [torch.nonzero(y == c).flatten() for c in range(num_labels)]
+    draws = []
+    for _ in range(resamples):
+        idx = torch.cat([g[torch.randint(len(g), (len(g),), generator=gen)] for g in groups if len(g)])
+        draws.append(label_separation(probs[idx], y[idx], num_labels))
+    upper = float(torch.tensor(draws).quantile(confidence)) if draws else observed
+    found = upper >= min_separation
+    reason = (
+        ""
+        if found
+        else (
+            f"label separation {observed:.3f}, {100 * confidence:.0f} % upper bound {upper:.3f}, is below {min_separation}"
+        )
+    )
+    return Signal(observed, upper, found, reason)

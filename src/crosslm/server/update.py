@@ -17,13 +17,23 @@ import torch
 
 from crosslm.modeling.metrics import distinct_n
 from crosslm.modeling.slm import fit
+from crosslm.precision import resolve_dtype
 from crosslm.progress import note
 from crosslm.protocol import WireMessage
 from crosslm.seeding import pass_seed
-from crosslm.server.feedback import Feedback, candidates, score, select_good, staleness_weights
+from crosslm.server.feedback import (
+    Feedback,
+    Signal,
+    candidates,
+    label_signal,
+    score,
+    select_good,
+    staleness_weights,
+)
 from crosslm.server.generate import GenerationStats, generate_samples
 from crosslm.server.losses import kd_targets
 from crosslm.server.tune_llm import tune_adapter
+from crosslm.server.verbalizer import label_scores
 
 if TYPE_CHECKING:
     from crosslm.server.server import CrossLMServer
@@ -77,20 +87,45 @@ def crosslm_update(server: CrossLMServer, triggers: list[str], u: int) -> list[t
     timer("generate")
     sel = select(server, weights)
     log_samples(server, new, sel.feedback, u)
+    signal = check_signal(server, sel, u)
     timer("feedback")
-    losses = tune_llm(server, new, sel, u)
+    guard: dict[str, Any] = {}
+    if signal is None or signal.found:
+        losses, guard = tune_llm(server, new, sel, u)
+    else:  # the ensemble cannot tell the labels apart: its scores would teach noise to both sides
+        sel.good, losses = [], {}
     timer("tune_llm")
     responses = [(cid, distil(server, cid, sel, u)) for cid in triggers]
     timer("distill")
-    if server.cfg.tune.steps > 0:  # an untuned LLM scores what it scored at update 0
+    if losses and not guard.get("rolled_back") and server.cfg.tune.steps > 0:  # else the LLM is unchanged
         server.evaluate_llm(u)
     timer("evaluate_llm")
     event = update_event(server, u, triggers, weights, new, gstats, sel, losses, timer)
+    event.update(signal_fields(signal), **guard)
     if u == 1:  # whether the generator writes the user's kind of text shows in the first minutes
         event["samples_by_label"] = samples_by_label(server, new)
         note(first_update_line(event, server.task.labels))
+    elif signal is not None and not signal.found:
+        note(f"update {u}: no signal, the LLM and the SLMs are left as they are ({signal.reason})")
     server.log(event)
     return responses
+
+
+def check_signal(server: CrossLMServer, sel: Selection, u: int) -> Signal | None:
+    """Whether the ensemble's scores carry the labels (None without feedback: nothing was scored)."""
+    fb = server.cfg.feedback
+    if not fb.enabled or not server.pool:
+        return None
+    return label_signal(pool_labels(server), sel.feedback, num_labels=server.task.num_labels,
+                        min_separation=fb.min_separation, confidence=fb.signal_confidence,
+                        seed=pass_seed(server.cfg.seed, "signal", u))  # fmt: skip
+
+
+def signal_fields(signal: Signal | None) -> dict[str, Any]:
+    if signal is None:
+        return {}
+    return {"label_separation": signal.separation, "separation_upper": signal.upper,
+            "signal": signal.found, "no_signal_reason": signal.reason or None}  # fmt: skip
 
 
 def generate(server: CrossLMServer, u: int) -> tuple[range, GenerationStats]:
@@ -125,10 +160,19 @@ def select(server: CrossLMServer, weights: dict[str, float]) -> Selection:
     return Selection(fb, good, [c for c, p in enumerate(qualifying) if not p])
 
 
-def tune_llm(server: CrossLMServer, new: range, sel: Selection, u: int) -> dict[str, Any]:
-    """Step 4: tune the LLM's adapter on this update's samples (L_QG, L_PR) and on S+ (L_task)."""
+def tune_llm(
+    server: CrossLMServer, new: range, sel: Selection, u: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Step 4: tune the LLM's adapter on this update's samples (L_QG, L_PR) and on S+ (L_task). An update
+    after which the LLM calls (nearly) every text of a label-balanced sample of S+ by one label, when it
+    did not before, is undone: the adapter goes back to its weights before this update."""
     texts, labels, q = pool_texts(server), pool_labels(server), sel.feedback.q
-    return tune_adapter(
+    probe = collapse_probe(server, sel)
+    before = majority_share(server, probe) if probe else None
+    saved = (
+        {n: p.detach().clone() for n, p in server.llm.named_parameters() if p.requires_grad} if probe else {}
+    )
+    losses = tune_adapter(
         server.llm,
         server.tokenizer,
         server.task,
@@ -139,6 +183,41 @@ def tune_llm(server: CrossLMServer, new: range, sel: Selection, u: int) -> dict[
         tau=server.cfg.feedback.threshold(server.task.num_labels),
         seed=pass_seed(server.cfg.seed, "tune_llm", u),
     )
+    if before is None:
+        return losses, {}
+    after = majority_share(server, probe)
+    limit = server.cfg.tune.collapse_share
+    rolled_back = after >= limit > before
+    if rolled_back:
+        with torch.no_grad():  # an in-place copy: the snapshot cache sees the weights change back
+            for n, p in server.llm.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        note(f"update {u}: the LLM's update was undone (it called {100 * after:.0f} % of S+ one label)")
+    return losses, {"llm_majority_share": [before, after], "rolled_back": rolled_back}
+
+
+def collapse_probe(server: CrossLMServer, sel: Selection, per_label: int = 16) -> list[str]:
+    """Up to `per_label` S+ texts of each label (highest q first), when S+ holds two labels or more."""
+    labels, q = pool_labels(server), sel.feedback.q
+    if server.cfg.tune.collapse_share >= 1 or server.cfg.tune.steps == 0:
+        return []
+    by_label: dict[int, list[int]] = {}
+    for i in sorted(sel.good, key=lambda i: -float(q[i])):
+        by_label.setdefault(labels[i], []).append(i)
+    if len(by_label) < 2:
+        return []
+    return [server.pool[i].text for idx in by_label.values() for i in idx[:per_label]]
+
+
+def majority_share(server: CrossLMServer, texts: list[str]) -> float:
+    """The share of `texts` the LLM (its raw verbalizer prediction) gives its most predicted label."""
+    cfg = server.cfg
+    model = server.snapshots.get(server.llm, resolve_dtype(cfg.eval.llm_dtype, server.device))
+    scores = label_scores(model, server.tokenizer, server.task, texts,
+                          max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size)  # fmt: skip
+    counts = torch.bincount(scores.argmax(-1), minlength=server.task.num_labels)
+    return float(counts.max()) / len(texts)
 
 
 def distil(server: CrossLMServer, cid: str, sel: Selection, u: int) -> WireMessage:
