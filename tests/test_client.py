@@ -104,3 +104,66 @@ def test_the_enhanced_report_with_its_refusal_passes_validation(monkeypatch) -> 
     event = c.receive_enhanced(_reply(c, _one_label(c.model.state_dict()), update=1))
     clean = validate_report(event, client_id="client-0", expected_event="enhanced")
     assert clean["adopted"] == 0 and "validation" in clean["offered"]
+
+
+def _predictions(c: Client) -> torch.Tensor:
+    from crosslm.modeling.slm import predict_logits
+
+    return torch.softmax(predict_logits(c.model, c.tokenizer, c.data.train.texts), -1)
+
+
+def _after_reply_and_a_round(monkeypatch, keep_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client adopts a reply that learnt the opposite of its labels, then trains one local round: how
+    far the round moves it from the adopted model's predictions on its own texts."""
+    c = _client(monkeypatch, keep_weight=keep_weight, validation_fraction=0.0)
+    c.local_round()
+    flipped = {k: v.clone() for k, v in c.model.state_dict().items()}
+    flipped["classifier.weight"] = -flipped["classifier.weight"]
+    flipped["classifier.bias"] = -flipped["classifier.bias"]
+    c.receive_enhanced(_reply(c, flipped, update=1))
+    adopted = _predictions(c)
+    c.local_round()
+    return adopted, _predictions(c)
+
+
+def test_keeping_the_reply_pulls_local_training_toward_the_adopted_model(monkeypatch) -> None:
+    adopted0, plain = _after_reply_and_a_round(monkeypatch, keep_weight=0.0)
+    adopted1, kept = _after_reply_and_a_round(monkeypatch, keep_weight=0.8)
+    assert torch.allclose(adopted0, adopted1)  # the same start: only the keep term differs
+    gap_plain = (plain - adopted0).abs().sum(-1).mean()
+    gap_kept = (kept - adopted1).abs().sum(-1).mean()
+    assert gap_kept < 0.7 * gap_plain
+
+
+def test_the_adopted_model_predictions_survive_save_and_restore(monkeypatch, tmp_path) -> None:
+    c = _client(monkeypatch, keep_weight=0.5)
+    c.local_round()
+    c.receive_enhanced(_reply(c, {k: v.clone() for k, v in c.model.state_dict().items()}, update=1))
+    assert c.keep_targets is not None and c.keep_targets.shape == (len(c.data.train), 2)
+    c.save(tmp_path / "c")
+    other = _client(monkeypatch, keep_weight=0.5)
+    assert other.restore(tmp_path / "c")
+    assert torch.equal(other.keep_targets, c.keep_targets)
+
+
+def test_the_bootstrap_tells_a_one_text_wobble_from_a_collapse() -> None:
+    from crosslm.client.client import worse_share
+
+    labels = [0] * 12 + [1] * 3  # a label-skewed client's 15 held-out texts
+    own = list(labels)
+    noisy = [0] * 12 + [1, 1, 0]  # one minority text missed: macro-F1 1.00 -> 0.89
+    flat = [0] * 15  # every text called the majority label: macro-F1 1.00 -> 0.44
+    kw = {"tolerance": 0.05, "seed": 0}
+    assert 0.1 < worse_share(labels, own, noisy, 2, **kw) < 0.9  # the point rule would refuse it
+    assert worse_share(labels, own, flat, 2, **kw) > 0.9  # a collapse is sure
+    assert worse_share(labels, noisy, own, 2, **kw) == 0.0  # a better reply never is
+
+
+def test_with_a_confidence_only_a_sure_drop_refuses_a_reply(monkeypatch) -> None:
+    c = _client(monkeypatch, accept_confidence=0.9)
+    c.local_round()
+    good = {k: v.clone() for k, v in c.model.state_dict().items()}
+    refused = c.receive_enhanced(_reply(c, _one_label(good), update=1))
+    assert refused["adopted"] == 0 and refused["worse_share"] > 0.9
+    adopted = c.receive_enhanced(_reply(c, good, update=2))
+    assert adopted["adopted"] == 1 and adopted["worse_share"] == 0.0

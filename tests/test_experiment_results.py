@@ -74,7 +74,7 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     rows = []
     for seed, (c, s, k) in enumerate([(0.70, 0.55, 0.66), (0.72, 0.57, 0.70)]):
         rows += [
-            {"task": "t", "method": "crosslm", "seed": seed, "slm_acc": c, "llm_acc": 0.8, "fidelity_last": 0.92,
+            {"task": "t", "method": "crosslm", "seed": seed, "slm_acc": c, "llm_acc": 0.8, "fidelity_last": 0.92, "fidelity_distilled": 0.92,
              "fidelity_q_ge_tau": 0.96, "distinct2_first": 0.8, "distinct2_last": 0.78, "ppl_change_pct": 0.2},
             {"task": "t", "method": "standalone", "seed": seed, "slm_acc": s},
             {"task": "t", "method": "kd-no-feedback", "seed": seed, "slm_acc": k},
@@ -293,3 +293,19 @@ def test_results_name_the_machines_and_flag_a_grid_from_several():
     md = results_markdown(rows, exp)
     assert "**The cells ran on 2 different machines or precisions**" in md
     assert f"| {fp32} | t / crosslm / seed 0 |" in md and f"| {bf16} | t / standalone / seed 0 |" in md
+
+
+def test_distilled_fidelity_weighs_the_judges_agreement_by_the_loss_weights(monkeypatch):
+    from crosslm.experiment.results import distilled_fidelity
+
+    syn = [
+        {"hash": "a", "text": "good film"},
+        {"hash": "b", "text": "bad film"},
+        {"hash": "c", "text": "meh"},
+    ]
+    judge = {"good film": 1, "bad film": 0, "meh": 0}
+    monkeypatch.setattr(
+        "crosslm.evaluation.judge.judge_predictions", lambda model, tok, texts: [judge[t] for t in texts]
+    )
+    event = {"hashes": ["a", "b", "c"], "labels": [1, 0, 1], "weights": [1.0, 0.5, 1.5]}
+    assert distilled_fidelity(event, syn, None, None) == pytest.approx(1.5 / 3.0)  # 'meh' is not label 1

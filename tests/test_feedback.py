@@ -208,3 +208,51 @@ def test_the_guard_skips_a_flat_ensemble_and_keeps_a_weak_noisy_one():
     kept = signal(weak)
     assert kept.found and kept.reason == "" and kept.upper >= kept.separation
     assert signal(onehot).separation == pytest.approx(1.0)
+
+
+def test_per_label_weights_follow_the_declared_label_counts():
+    from crosslm.server.feedback import label_weights
+
+    a = _client("a", [0, 0], [90, 10], base_version=2)
+    b = _client("b", [0, 0], [10, 90], base_version=1)
+    w = label_weights([a, b], current_update=2, gamma=0.5)
+    # label 0: a = 91, b = 11 * 0.5; label 1: a = 11, b = 91 * 0.5
+    assert w["a"] == pytest.approx([91 / 96.5, 11 / 56.5])
+    assert w["b"] == pytest.approx([5.5 / 96.5, 45.5 / 56.5])
+
+
+def test_per_label_weights_let_each_client_speak_for_the_labels_it_holds(tiny_tokenizer):
+    # a knows label 0 (sure of it everywhere), b knows label 1; each is trusted on its own label
+    a = _client("a", [3.0, 0.0], [90, 10], tokenizer=tiny_tokenizer)
+    b = _client("b", [0.0, 3.0], [10, 90], tokenizer=tiny_tokenizer)
+    w = {"a": [0.9, 0.1], "b": [0.1, 0.9]}
+    fb = score(["x", "y"], [0, 1], [a, b], w, prior_correction="none")
+    pa, pb = torch.softmax(torch.tensor([3.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 3.0]), 0)
+    raw = torch.stack([0.9 * pa[0] + 0.1 * pb[0], 0.1 * pa[1] + 0.9 * pb[1]])
+    assert torch.allclose(fb.ensemble_probs[0], raw / raw.sum())
+    assert torch.allclose(fb.ensemble_probs.sum(-1), torch.ones(2))
+
+
+def test_a_client_scores_only_the_texts_it_may(tiny_tokenizer):
+    a = _client("a", [2.0, 0.0], [50, 50], tokenizer=tiny_tokenizer)
+    b = _client("b", [0.0, 1.0], [50, 50], tokenizer=tiny_tokenizer)
+    usable = {"a": torch.tensor([True, False, False]), "b": torch.tensor([True, True, False])}
+    fb = score(
+        ["x", "y", "z"], [0, 0, 0], [a, b], {"a": 0.5, "b": 0.5}, prior_correction="none", usable=usable
+    )
+    pa, pb = torch.softmax(torch.tensor([2.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    assert fb.q[0] == pytest.approx(float(0.5 * pa[0] + 0.5 * pb[0]))
+    assert fb.q[1] == pytest.approx(float(pb[0]))  # b alone, its weight renormalised
+    assert fb.blind.tolist() == [False, False, True] and torch.isnan(fb.q[2])
+
+
+def test_combine_is_the_normalised_product_and_pool_calibration_removes_a_bias():
+    from crosslm.server.feedback import combine, pool_calibrate
+
+    p, r = torch.tensor([[0.6, 0.4], [0.2, 0.8]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
+    both = combine(p, r)
+    assert torch.allclose(both[0], torch.tensor([0.42, 0.12]) / 0.54)
+    assert torch.allclose(both[1], p[1])  # an undecided labeller leaves the other's posterior as it is
+    biased = torch.tensor([[0.9, 0.1], [0.7, 0.3]])  # leans to label 0 on a label-balanced pair
+    fixed = pool_calibrate(biased)
+    assert fixed[0].argmax() == 0 and fixed[1].argmax() == 1

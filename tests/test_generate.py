@@ -38,3 +38,37 @@ def test_generate_counts_labels_and_dedupes(tiny_tokenizer, tiny_llm):
     # the same seed writes the same texts again: all are duplicates of the earlier update now
     again, _ = generate_samples(tiny_llm, tiny_tokenizer, TASK, cfg, seen=seen, seed=1)
     assert again == []
+
+
+def test_in_context_examples_rotate_over_the_candidates():
+    from crosslm.server.generate import rotated_examples, with_examples
+
+    cands = ["a", "b", "c", "d", "e"]
+    assert [rotated_examples(cands, r, 2) for r in range(3)] == [["a", "b"], ["c", "d"], ["e", "a"]]
+    assert rotated_examples(["a"], 4, 3) == ["a"] and rotated_examples([], 0, 2) == []
+    prompt = with_examples("Write a positive review.", ["Great  film,\nloved it.", "x" * 500])
+    assert prompt.startswith("Write a positive review.\n\nExamples:\n- Great film, loved it.\n- ")
+    assert "x" * 301 not in prompt and prompt.endswith("different from the examples.")
+    assert with_examples("P", []) == "P"
+
+
+def test_each_prompt_shows_its_own_labels_examples(tiny_tokenizer, tiny_llm, monkeypatch):
+    from crosslm.server import generate as gen
+
+    seen_prompts: list[str] = []
+    real = gen.sample_tokens
+
+    def capture(model, prompts, **kw):
+        seen_prompts.extend("".join(tiny_tokenizer.convert_ids_to_tokens(p)) for p in prompts)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "sample_tokens", capture)
+    cfg = GenerationConfig(
+        samples_per_label=2, batch_size=8, max_new_tokens=4, min_words=1, examples_per_prompt=1
+    )
+    examples = {0: ["dull plot", "flat acting"], 1: ["sharp script"]}
+    generate_samples(tiny_llm, tiny_tokenizer, TASK, cfg, seen=set(), seed=1, examples=examples)
+    neg, pos = seen_prompts[:2], seen_prompts[2:]
+    assert "- dull plot" in neg[0] and "- flat acting" in neg[1]  # rotated per sample
+    assert all("negative" in p and "sharp script" not in p for p in neg)
+    assert all("- sharp script" in p for p in pos)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from crosslm.config import LLMConfig
@@ -287,3 +288,18 @@ def test_adding_lora_prints_no_deprecation_warning(tiny_llm):
         model = _lora(tiny_llm)
     assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
     assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_centred_weights_raise_only_above_the_labels_mean_and_push_down_only_another_labels_texts():
+    from crosslm.server.losses import qg_weights
+
+    q = torch.tensor([0.9, 0.5, 0.4, 0.2, 0.6])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    other = torch.tensor([0.1, 0.5, 0.6, 0.8, 0.4])  # the SLMs' best other label
+    up, down = qg_weights(q, labels, other, form="centred", tau=0.6)
+    assert up.tolist() == pytest.approx([0.9 - 0.6, 0.0, 0.0, 0.0, 0.2])  # label means 0.6 and 0.4
+    assert down.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]  # only texts read as another label with p >= tau
+    up_q, down_q = qg_weights(q, labels, other, form="q", tau=0.6)
+    assert torch.equal(up_q, q) and torch.allclose(down_q, 1 - q)
+    up_h, _ = qg_weights(q, labels, other, form="q", tau=0.6, hard=True)
+    assert up_h.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]

@@ -53,7 +53,7 @@ def _events() -> list[dict]:
         {"event": "server_update", "t": 180, "wall": 190.0, "update": 2, "trigger_clients": ["client-1"],
          "weights": {"client-0": 0.4, "client-1": 0.6}, "staleness": {"client-0": 1, "client-1": 0},
          "generated": 50, "kept": 40, "gen_tokens_per_s": 118.0, "distinct2": 0.75, "mean_q": 0.7,
-         "share_q_ge_tau": 0.65, "splus_size": 34, "splus_per_label": [16, 18],
+         "share_q_ge_tau": 0.65, "splus_size": 34, "splus_per_label": [16, 18], "distilled_size": 30, "distilled_per_label": [12, 18],
          "labels_without_candidates": ["pos"],
          "loss": {"total": 0.9, "qg": 0.4, "task": 0.45, "pr": 0.02}, "seconds": 85.0},
         {"event": "llm_eval", "t": 182, "wall": 193.0, "update": 2, "raw_accuracy": 0.60,
@@ -130,8 +130,8 @@ def test_full_report_numbers(tmp_path: Path) -> None:
     assert "τ=0.6" in _section(auto, "Synthetic data per server update")  # the threshold the server used
     u2 = _row(syn, "2")
     assert u2[1] == "client-1" and u2[2:6] == ["50", "40", "0.700", "65.0"]
-    assert u2[6] == "34 (16 / 18); no candidate: pos" and u2[7] == "0.750"
-    assert "client-0: 1, client-1: 0" in u2[9] and "client-0: 0.400" in u2[10]
+    assert u2[6] == "34 (16 / 18); no candidate: pos" and u2[7] == "30 (12 / 18)" and u2[8] == "0.750"
+    assert "client-0: 1, client-1: 0" in u2[10] and "client-0: 0.400" in u2[11]
 
     asyn = _section(report, "Asynchrony")
     assert "client-0 r1 → client-1 r1 → client-0 r2" in asyn
@@ -219,15 +219,16 @@ def test_the_report_opens_with_what_the_guards_did(tmp_path: Path) -> None:
     updates[1].update(signal=True, rolled_back=True, llm_majority_share=[0.55, 0.97])
     enhanced = next(e for e in events if e["event"] == "enhanced")
     enhanced.update(adopted=0, before={**enhanced["before"], "validation": {"accuracy": 0.8, "macro_f1": 0.78}},
-                    offered={"validation": {"accuracy": 0.5, "macro_f1": 0.33}, "global": {"accuracy": 0.6, "macro_f1": 0.5}})  # fmt: skip
+                    offered={"validation": {"accuracy": 0.5, "macro_f1": 0.33}, "local": {"accuracy": 0.7, "macro_f1": 0.6},
+                             "global": {"accuracy": 0.6, "macro_f1": 0.5}})  # fmt: skip
     report = write_report(tmp_path, events, CONFIG).read_text(encoding="utf-8")
     head = report[: report.index("Dataset **")]  # before the summary's first sentence
     assert "**No signal at update(s) 1** of 2" in head and "label separation 0.010 is below 0.05" in head
     assert "**LLM updates undone: 2 (97.0 %)**" in head
     assert (
         "**1 of 3 enhanced SLMs refused**" in head
-        and "client-0 at update 1 (validation macro-F1 0.78 → offered 0.33; global accuracy kept 55.0 %, offered 60.0 %)"
-        in head
+        and "client-0 at update 1 (validation macro-F1 0.78 → offered 0.33; own test accuracy kept " in head
+        and "%, offered 70.0 %; global accuracy kept 55.0 %, offered 60.0 %)" in head
     )
     assert "| **refused** |" in report  # and in the enhanced-SLM table
 

@@ -22,6 +22,10 @@ from crosslm.methods import METHOD_NAMES, METHODS
 from crosslm.precision import COMPUTE_DTYPES, DEVICE_NAME
 
 MISSING_LABEL_RULES = ("empty", "skip", "fill")
+DISTILL_SOURCES = ("splus", "pool")
+"""distill.source: what an enhanced SLM is distilled on (crosslm.server.update.distillation_set)."""
+LABELLERS = ("slms", "llm", "both")
+"""distill.labeller: whose posterior over labels filters and soft-labels the distilled texts."""
 """What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 TAU_AUTO_FACTOR = 1.2
 """feedback.tau: auto = TAU_AUTO_FACTOR / number of labels."""
@@ -123,6 +127,19 @@ class ClientConfig:
         "the client's own model's minus this; otherwise the client keeps its own weights and reports the "
         "refusal.",
     )
+    accept_confidence: float = option(
+        0.0,
+        "0 = the acceptance rule compares the two macro-F1 values as measured. A confidence c in [0.5, 1) "
+        "refuses a reply only when, in at least a share c of bootstrap draws of the held-out texts, its "
+        "macro-F1 is below the own model's minus clients.accept_tolerance: a few held-out texts of a "
+        "label-skewed client then do not refuse a reply by chance.",
+    )
+    keep_weight: float = option(
+        0.0,
+        "Keeping what a reply gave (learning without forgetting): after a client adopts an enhanced SLM, its "
+        "local training adds this weight times the cross-entropy toward the adopted model's predictions on "
+        "its own training texts (and the label loss gets 1 minus it); 0 = plain local training.",
+    )
 
 
 @dataclass
@@ -151,6 +168,14 @@ class GenerationConfig:
     temperature: float = option(1.0, "Sampling temperature.")
     top_p: float = option(0.95, "Nucleus sampling p.")
     min_words: int = option(5, "Samples with fewer words are dropped.")
+    examples_per_prompt: int = option(
+        0,
+        "In-context feedback (ProGen): this many of the SLMs' best-scored pool texts of the same label go "
+        "into each generation prompt, rotated per sample (0 = the plain prompt; nothing without feedback).",
+    )
+    example_candidates: int = option(
+        16, "The best-scored pool texts per label that the in-context examples rotate over."
+    )
     dtype: str = option(
         "auto",
         "Weights used for sampling: float32 (the model as trained), bfloat16, or auto (bfloat16 where a "
@@ -203,6 +228,17 @@ class FeedbackConfig:
         "No-signal guard: 'sure' means the separation's one-sided bootstrap upper bound at this confidence "
         "(over the pool's texts) is below feedback.min_separation (docs/configuration.md#guards).",
     )
+    per_label_weights: bool = option(
+        False,
+        "Per-label ensemble weights: an SLM's vote on label c is weighted by (n_jc + 1) gamma^s_j, what its "
+        "client declared it holds of c, instead of one weight n_j gamma^s_j for every label.",
+    )
+    exclude_distilled: bool = option(
+        False,
+        "No confirmation loop: a text is scored only by SLMs whose weights do not descend from a reply "
+        "distilled after the text was written (they may have been trained on it); a text no SLM may score "
+        "keeps its last score.",
+    )
 
     def threshold(self, num_labels: int) -> float:
         """tau as a number: 'auto' resolves to TAU_AUTO_FACTOR / num_labels once the task's labels are known."""
@@ -223,6 +259,12 @@ class TuneConfig:
     alpha: float = option(1.0, "Weight of L_PR = KL(p_theta0 || p_theta) over token positions.")
     hard: bool = option(False, "Hard L_QG: q thresholded at tau.")
     qg_weight: float = option(1.0, "Weight of L_QG (0 = the 'without L_QG' ablation).")
+    qg_form: str = option(
+        "q",
+        "L_QG's per-text weights: 'q' (likelihood weight q, unlikelihood weight beta * (1 - q)) or 'centred' "
+        "(likelihood weight max(q - the label's mean q, 0); unlikelihood, weight beta, only on texts the "
+        "SLMs confidently read as another label, so tokens common to every label are not pushed down).",
+    )
     collapse_share: float = option(
         0.9,
         "Rollback: an adapter update after which the LLM predicts one label for at least this share of a "
@@ -243,6 +285,26 @@ class DistillConfig:
     mu: float = option(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
     temperature: float = option(2.0, "T: temperature of the ensemble's soft labels.")
     autocast: str = option("auto", "Distillation compute dtype: float32, bfloat16 (mixed precision) or auto.")
+    source: str = option(
+        "splus",
+        "What a reply is distilled on: 'splus' (the class-balanced good set S+, every label cut to the "
+        "smallest label's count) or 'pool' (every pool text the labeller agrees with, each label given the "
+        "same total weight, each text weighted by the labeller's probability of its intended label).",
+    )
+    labeller: str = option(
+        "slms",
+        "Whose posterior over labels filters (distill.source pool) and soft-labels the distilled texts: "
+        "'slms' (the SLM ensemble), 'llm' (the LLM's verbalizer, calibrated over each update's label-balanced "
+        "new texts, scored once before the LLM is tuned on them) or 'both' (their normalised product). "
+        "Without feedback (KD without feedback) nothing is scored and the intended labels are used.",
+    )
+    agreement: bool = option(
+        True,
+        "distill.source pool: keep only the texts whose labeller's most likely label is the intended one.",
+    )
+    steps: int = option(
+        0, "Distillation optimizer steps per reply; 0 = distill.epochs passes over the distilled texts."
+    )
 
 
 @dataclass
@@ -515,6 +577,8 @@ def validate(cfg: RunConfig) -> None:
     need(c.upload_dtype in ("float16", "float32"), "clients.upload_dtype", "float16 or float32")
     need(g.samples_per_label >= 1, "generation.samples_per_label", "at least 1")
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
+    need(g.examples_per_prompt >= 0, "generation.examples_per_prompt", "0 or more")
+    need(g.example_candidates >= 1, "generation.example_candidates", "at least 1")
     need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
     for key in PRECISION_KEYS:
         need(get_key(cfg, key) in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
@@ -538,6 +602,10 @@ def validate(cfg: RunConfig) -> None:
     need(t.alpha >= 0 and t.beta >= 0 and t.lambda_task >= 0, "tune.alpha", "non-negative loss weights")
     need(0 <= ds.mu <= 1, "distill.mu", "a number in [0, 1]")
     need(ds.temperature > 0, "distill.temperature", "a positive number")
+    need(ds.source in DISTILL_SOURCES, "distill.source", " or ".join(DISTILL_SOURCES))
+    need(ds.labeller in LABELLERS, "distill.labeller", ", ".join(LABELLERS))
+    need(ds.steps >= 0, "distill.steps", "0 or more (0 = distill.epochs passes)")
+    need(0 <= c.keep_weight < 1, "clients.keep_weight", "a weight in [0, 1)")
     need(fed.updates >= 1, "federation.updates", "at least 1")
     need(
         fed.server_update in ("crosslm", "fedavg", "none"),
@@ -547,8 +615,14 @@ def validate(cfg: RunConfig) -> None:
     need(c.extra_local_epochs >= 0, "clients.extra_local_epochs", "0 or more")
     need(0 <= c.validation_fraction < 1, "clients.validation_fraction", "a share in [0, 1)")
     need(c.accept_tolerance >= 0, "clients.accept_tolerance", "0 or more (a macro-F1 difference)")
+    need(
+        c.accept_confidence == 0 or 0.5 <= c.accept_confidence < 1,
+        "clients.accept_confidence",
+        "0 (compare as measured) or a confidence in [0.5, 1)",
+    )
     need(c.logit_adjust >= 0, "clients.logit_adjust", "0 or more (0 = plain cross-entropy)")
     need(t.qg_weight >= 0, "tune.qg_weight", "a non-negative weight")
+    need(t.qg_form in ("q", "centred"), "tune.qg_form", "q or centred")
     need(0 < t.collapse_share <= 1, "tune.collapse_share", "a share in (0, 1] (1 = no rollback)")
     need(fb.min_separation <= 1, "feedback.min_separation", "at most 1 (-1 = no guard)")
     need(0.5 <= fb.signal_confidence < 1, "feedback.signal_confidence", "a confidence in [0.5, 1)")

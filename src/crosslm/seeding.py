@@ -26,7 +26,8 @@ _PASSES = {
     "tune_llm": (7919, 0),  # the adapter's batches: run seed, update
     "distil": (31, 0),  # distillation into the SLMs: run seed, update
     "validation": (1000, 900),  # the client's held-out validation part: client seed, 0
-    "signal": (613, 0),  # the permutation test of the ensemble's label separation: run seed, update
+    "accept": (1000, 700),  # the acceptance rule's bootstrap draws: client seed, update
+    "signal": (613, 0),  # the bootstrap bound of the ensemble's label separation: run seed, update
 }
 
 

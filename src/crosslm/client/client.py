@@ -12,13 +12,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from crosslm.catalogue.models import load_slm
 from crosslm.config import ClientConfig
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_dir, atomic_write_json
-from crosslm.modeling.slm import evaluate, train_supervised
+from crosslm.modeling.metrics import macro_f1
+from crosslm.modeling.slm import evaluate, predict_logits, train_supervised
 from crosslm.partition import stratified_holdout
 from crosslm.precision import resolve_device
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
@@ -26,6 +28,7 @@ from crosslm.seeding import pass_seed
 from crosslm.task import LabelledTexts, TaskSpec
 
 STATE_FILE = "crosslm_client.json"
+KEEP_FILE = "keep_targets.safetensors"
 
 
 @dataclass
@@ -35,6 +38,29 @@ class ClientData:
     global_test: LabelledTexts
     validation: LabelledTexts = field(default_factory=LabelledTexts)
     """Held out of the client's training data: decides whether an enhanced SLM is adopted."""
+
+
+def worse_share(
+    labels: list[int],
+    own: list[int],
+    offered: list[int],
+    num_labels: int,
+    *,
+    tolerance: float,
+    draws: int = 500,
+    seed: int = 0,
+) -> float:
+    """The share of bootstrap draws of the held-out texts (both models scored on the same draw) on which
+    the offered model's macro-F1 is below the own model's minus `tolerance`: how sure the client can be
+    that a reply is worse, given how few texts it holds out."""
+    gen = torch.Generator().manual_seed(seed)
+    y, a, b = torch.tensor(labels), torch.tensor(own), torch.tensor(offered)
+    worse = 0
+    for _ in range(draws):
+        i = torch.randint(len(y), (len(y),), generator=gen)
+        yi = y[i].tolist()
+        worse += macro_f1(yi, b[i].tolist(), num_labels) < macro_f1(yi, a[i].tolist(), num_labels) - tolerance
+    return worse / draws
 
 
 class Client:
@@ -68,6 +94,8 @@ class Client:
         self.round = 0
         self.base_version = 0  # server update the current weights came from; 0 = pretrained
         self.metrics: dict[str, dict[str, float]] = {}  # of the current weights (unchanged since upload)
+        self.keep_targets: torch.Tensor | None = None
+        """[N, C] the last adopted model's predictions on the training texts (clients.keep_weight)."""
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Metrics of the current weights on the client's test split, the global test split (a
@@ -83,6 +111,10 @@ class Client:
         kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
         return evaluate(self.model, self.tokenizer, data, self.task.num_labels, **kw)
 
+    def _predict(self, data: LabelledTexts) -> list[int]:
+        kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
+        return predict_logits(self.model, self.tokenizer, data.texts, **kw).argmax(-1).tolist()
+
     def _train_private(self, epochs: int, seed: int, desc: str) -> float:
         """Supervised training on the client's private data with its local settings."""
         return train_supervised(
@@ -97,6 +129,8 @@ class Client:
             seed=seed,
             autocast=self.cfg.autocast,
             logit_adjust=self.cfg.logit_adjust,
+            anchor=self.keep_targets,
+            anchor_weight=self.cfg.keep_weight,
             desc=desc,
         )
 
@@ -148,16 +182,30 @@ class Client:
         assert isinstance(msg, SLMEnhanced)
         before = self.metrics or self.evaluate()
         own = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        judged = len(self.data.validation) > 0 and "validation" in before
+        own_pred = self._predict(self.data.validation) if judged else []
         self.model.load_state_dict(msg.state_dict, strict=True)
         offered: dict[str, dict[str, float]] = {}
         adopted = True
-        if len(self.data.validation) and "validation" in before:
+        share = None
+        if judged:
             offered = {"validation": self._score(self.data.validation)}
-            floor = before["validation"]["macro_f1"] - self.cfg.accept_tolerance
-            adopted = offered["validation"]["macro_f1"] >= floor - 1e-9
+            share = worse_share(self.data.validation.labels, own_pred, self._predict(self.data.validation),
+                                self.task.num_labels, tolerance=self.cfg.accept_tolerance,
+                                seed=pass_seed(self.seed, "accept", msg.server_update))  # fmt: skip
+            if self.cfg.accept_confidence > 0:
+                adopted = share < self.cfg.accept_confidence
+            else:
+                floor = before["validation"]["macro_f1"] - self.cfg.accept_tolerance
+                adopted = offered["validation"]["macro_f1"] >= floor - 1e-9
         if adopted:
             self.base_version = msg.server_update
+            if self.cfg.keep_weight > 0:  # later local rounds keep close to what the reply taught
+                logits = predict_logits(self.model, self.tokenizer, self.data.train.texts,
+                                        batch_size=self.eval_batch_size, max_length=self.cfg.max_length)  # fmt: skip
+                self.keep_targets = torch.softmax(logits, dim=-1)
         else:
+            offered["local"] = self._score(self.data.test)  # the refusal checked on more of its own texts
             if len(self.data.global_test):  # simulation only: what the refusal cost on the global split
                 offered["global"] = self._score(self.data.global_test)
             self.model.load_state_dict(own, strict=True)
@@ -173,6 +221,7 @@ class Client:
             "client": self.client_id,
             "update": msg.server_update,
             "adopted": int(adopted),
+            **({"worse_share": share} if share is not None else {}),
             "before": before,
             **({"offered": offered} if offered else {}),
             "after": after,
@@ -194,6 +243,8 @@ class Client:
                 "metrics": self.metrics,
             }
             atomic_write_json(tmp / STATE_FILE, state)
+            if self.keep_targets is not None:
+                save_file({"keep_targets": self.keep_targets.contiguous()}, str(tmp / KEEP_FILE))
 
         atomic_dir(path, write)
 
@@ -212,4 +263,15 @@ class Client:
         self.round = int(state["round"])
         self.base_version = int(state["base_version"])
         self.metrics = state.get("metrics") or {}
+        keep = path / KEEP_FILE
+        self.keep_targets = load_file(str(keep))["keep_targets"] if keep.is_file() else None
+        if self.keep_targets is not None and self.keep_targets.shape != (
+            len(self.data.train),
+            self.task.num_labels,
+        ):
+            raise CrossLMError(
+                f"'{keep}' holds predictions for {tuple(self.keep_targets.shape)} (texts, labels), not this "
+                f"client's {len(self.data.train)} training texts and {self.task.num_labels} labels; use a fresh "
+                "work-dir for new data"
+            )
         return True

@@ -58,9 +58,14 @@ def load_judge(
     return model, tok, info
 
 
+def judge_predictions(model: Any, tok: Any, texts: list[str]) -> list[int]:
+    """The judge's label for each text."""
+    return predict_logits(model, tok, texts, batch_size=64, max_length=128).argmax(-1).tolist()
+
+
 def label_fidelity(model: Any, tok: Any, texts: list[str], labels: list[int]) -> float:
     """Share of texts the judge assigns their intended label."""
     if not texts:
         return float("nan")
-    pred = predict_logits(model, tok, texts, batch_size=64, max_length=128).argmax(-1)
+    pred = torch.tensor(judge_predictions(model, tok, texts))
     return float((pred == torch.tensor(labels)).float().mean())

@@ -285,6 +285,11 @@ def _refusal(e: dict[str, Any]) -> str:
         f"{_fmt(_get(e, 'before', 'validation', 'macro_f1'), 2)} → offered "
         f"{_fmt(_get(e, 'offered', 'validation', 'macro_f1'), 2)}"
     )
+    if _get(e, "offered", "local", "accuracy") is not None:  # the client's own test split
+        text += (
+            f"; own test accuracy kept {_pct(_get(e, 'before', 'local', 'accuracy'))} %, offered "
+            f"{_pct(_get(e, 'offered', 'local', 'accuracy'))} %"
+        )
     if _get(e, "offered", "global", "accuracy") is not None:  # a simulation's global split
         text += (
             f"; global accuracy kept {_pct(_get(e, 'before', 'global', 'accuracy'))} %, offered "
@@ -448,9 +453,16 @@ def _llm_section(run: _Run) -> str:
 
 
 def _client_map(d: Any, fmt: str) -> str:
+    """'client: value' pairs; a per-label value (a list) shows as value/value/..."""
     if not isinstance(d, dict) or not d:
         return NA
-    return ", ".join(f"{k}: {fmt.format(v) if _num(v) is not None else NA}" for k, v in d.items())
+
+    def one(v: Any) -> str:
+        if isinstance(v, list):
+            return "/".join(one(x) for x in v)
+        return fmt.format(v) if _num(v) is not None else NA
+
+    return ", ".join(f"{k}: {one(v)}" for k, v in d.items())
 
 
 def _loss(d: Any) -> str:
@@ -481,6 +493,9 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
         missing = u.get("labels_without_candidates")
         if isinstance(missing, list) and missing:  # under missing_labels 'fill' these were topped up by q
             splus += f"; no candidate: {', '.join(map(str, missing))}"
+        distilled = _int(u.get("distilled_size"))
+        if isinstance(d_per := u.get("distilled_per_label"), list) and d_per:
+            distilled += f" ({' / '.join(_int(x) for x in d_per)})"
         trig = u.get("trigger_clients")
         rows.append(
             [
@@ -491,6 +506,7 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
                 _fmt(u.get("mean_q")),
                 _pct(u.get("share_q_ge_tau")),
                 splus,
+                distilled,
                 _fmt(u.get("distinct2")),
                 _loss(u.get("loss")),
                 _client_map(u.get("staleness"), "{:.0f}"),
@@ -507,6 +523,7 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
         "mean q",
         f"share q ≥ τ (%, τ={tau_txt})",
         "S+ size (per label)",
+        "distilled (per label)",
         "distinct-2",
         "loss",
         "staleness",
@@ -514,7 +531,7 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
         "gen tok/s",
         "seconds",
     ]
-    return _md_table(headers, rows, "rlrrrrrrlllrr")
+    return _md_table(headers, rows, "rlrrrrrrrlllrr")
 
 
 def _async_section(run: _Run) -> str:

@@ -19,9 +19,13 @@ from crosslm.seeding import own_rng
 from crosslm.task import LabelledTexts
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """mean_i -sum_c targets[i,c] log softmax(logits)[i,c]; equals CE when targets are one-hot."""
-    return -(targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+def soft_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean_i w_i * -sum_c targets[i,c] log softmax(logits)[i,c]; equals CE when targets are one-hot and
+    there are no weights."""
+    per_example = -(targets * torch.log_softmax(logits, dim=-1)).sum(-1)
+    return (per_example if weights is None else weights * per_example).mean()
 
 
 def log_prior(label_counts: Sequence[int]) -> torch.Tensor:
@@ -50,29 +54,43 @@ def fit(
     weight_decay: float = 0.01,
     autocast: str = "float32",
     logit_offset: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
+    max_steps: int | None = None,
+    anchor: torch.Tensor | None = None,
+    anchor_weight: float = 0.0,
 ) -> float:
     """Train `model` in place on (texts, target distributions). Returns the mean loss of the last epoch.
 
     `autocast` bfloat16 (or auto, where bfloat16 runs faster here) runs the forward passes under torch
     autocast; weights, gradients and AdamW stay float32 (mixed precision). Shuffling and dropout draw
     only from `seed`, so the result does not depend on what ran before in the process. `logit_offset` [C]
-    is added to the logits inside the loss only (training), never at inference (logit adjustment)."""
+    is added to the logits inside the loss only (training), never at inference (logit adjustment).
+    `sample_weights` [N] (mean 1) weight each example's loss. `max_steps` replaces `epochs` by a number of
+    optimizer steps (passes over the data repeat until it is reached). `anchor` [N, C] adds
+    `anchor_weight` times the cross-entropy of the plain logits toward those distributions (the label
+    loss gets 1 - anchor_weight): learning without forgetting toward a model the client adopted."""
     if len(texts) == 0:
         return float("nan")
     device = precision.model_device(model)
     offset = logit_offset.to(device) if logit_offset is not None else None
+    per_epoch = (len(texts) + batch_size - 1) // batch_size
+    total_steps = max_steps if max_steps else epochs * per_epoch
+    epochs = -(-total_steps // per_epoch)
     with own_rng(seed, device):
         amp = precision.autocast(autocast, device)
         gen = torch.Generator().manual_seed(seed)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        total_steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total_steps, 1))
         last = float("nan")
+        step = 0
         with progress(total=total_steps, desc=desc, leave=False, unit="step") as bar:
             for _ in range(epochs):
                 losses = []
                 for idx in _batches(len(texts), batch_size, gen):
+                    if step == total_steps:
+                        break
+                    step += 1
                     enc = tokenizer(
                         [texts[i] for i in idx],
                         truncation=True,
@@ -82,8 +100,15 @@ def fit(
                     ).to(device)
                     with amp:
                         logits = model(**enc).logits
-                    logits = logits.float() if offset is None else logits.float() + offset
-                    loss = soft_cross_entropy(logits, targets[idx].to(device))
+                    logits = logits.float()
+                    w = sample_weights[idx].to(device) if sample_weights is not None else None
+                    loss = soft_cross_entropy(
+                        logits if offset is None else logits + offset, targets[idx].to(device), w
+                    )
+                    if anchor is not None and anchor_weight > 0:
+                        loss = (1.0 - anchor_weight) * loss + anchor_weight * soft_cross_entropy(
+                            logits, anchor[idx].to(device), w
+                        )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -92,7 +117,8 @@ def fit(
                     losses.append(loss.item())
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-                last = sum(losses) / len(losses)
+                if losses:
+                    last = sum(losses) / len(losses)
     model.eval()
     return last
 
@@ -103,7 +129,8 @@ def train_supervised(
     """Cross-entropy on one-hot labels. With `logit_adjust` t > 0 the loss sees logits + t * log prior
     (the label distribution of `data`): a label-skewed silo then learns a classifier that is not biased
     toward its majority labels, and a label it barely holds is not pushed down, so what a server reply
-    taught the model about it survives the next local round (logit adjustment, Menon et al. 2021)."""
+    taught the model about it survives the next local round (logit adjustment, Menon et al. 2021).
+    An `anchor` (see `fit`) is matched by the plain logits, without the adjustment."""
     targets = torch.nn.functional.one_hot(torch.tensor(data.labels), num_labels).float()
     offset = logit_adjust * log_prior(data.label_counts(num_labels)) if logit_adjust > 0 else None
     return fit(model, tokenizer, data.texts, targets, logit_offset=offset, **kwargs)

@@ -18,7 +18,7 @@ SPLITS = frozenset({"local", "global", "validation"})
 # event kind -> its numeric fields; "client" and "event" are always present, split metrics are optional.
 REPORT_FIELDS: dict[str, frozenset[str]] = {
     "client_trained": frozenset({"round", "base_version", "train_loss", "seconds"}),
-    "enhanced": frozenset({"update", "adopted"}),
+    "enhanced": frozenset({"update", "adopted", "worse_share"}),
     "client_eval": frozenset({"round", "base_version"}),
 }
 NESTED = {"client_trained": None, "enhanced": ("before", "offered", "after"), "client_eval": None}

@@ -1,6 +1,8 @@
 """Step 4: the SLMs score the synthetic data, and the good, class-balanced set S+ is chosen.
 
-q(x, y) = sum_j w_j p_j(y | x) over the latest SLM of each client, w_j proportional to n_j * gamma^s_j.
+q(x, y) = sum_j w_j p_j(y | x) over the latest SLM of each client, w_j proportional to n_j * gamma^s_j
+(or, with per-label weights, w_jy proportional to (n_jy + 1) * gamma^s_j: a client's vote on a label counts
+as much as it holds of that label).
 
 Label-prior correction: an SLM trained on label-skewed data scores toward its majority labels. Each client's
 probabilities are prior-corrected before they are combined, and S+ is selected per label so that it stays
@@ -12,7 +14,7 @@ class-balanced. Two corrections are available:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +46,40 @@ def staleness_weights(models: Sequence[ClientModel], current_update: int, gamma:
     return {k: v / total for k, v in raw.items()}
 
 
+def label_weights(models: Sequence[ClientModel], current_update: int, gamma: float) -> dict[str, list[float]]:
+    """w_jc = (n_jc + 1) * gamma^s_j / sum_i (n_ic + 1) * gamma^s_i: per label c, each client's vote counts
+    by what it declared it holds of c (a Dirichlet-skewed client knows its few labels, not the others)."""
+    raw = {
+        m.client_id: (torch.tensor(m.label_counts, dtype=torch.float) + 1.0)
+        * gamma ** max(current_update - m.base_version, 0)
+        for m in models
+    }
+    total = torch.stack(list(raw.values())).sum(0)
+    return {k: (v / total).tolist() for k, v in raw.items()}
+
+
+def pool_calibrate(p: torch.Tensor) -> torch.Tensor:
+    """p(c|x) / mean over the texts of p(c|x), renormalised: on a label-balanced set of texts this removes
+    whatever label bias a classifier has, however it arose (contextual calibration on the pool)."""
+    p = p / p.mean(0, keepdim=True).clamp(min=1e-6)
+    return p / p.sum(-1, keepdim=True)
+
+
+def combine(*posteriors: torch.Tensor) -> torch.Tensor:
+    """The normalised product of label posteriors that each assume a uniform prior (naive Bayes: two
+    classifiers that err independently, each calibrated on the label-balanced pool)."""
+    out = posteriors[0].clamp(min=1e-9)
+    for p in posteriors[1:]:
+        out = out * p.clamp(min=1e-9)
+    return out / out.sum(-1, keepdim=True)
+
+
 @dataclass
 class Feedback:
     q: torch.Tensor  # [N] ensemble probability of the intended label
     ensemble_probs: torch.Tensor  # [N, C] sum_j w_j p_j(.|x)
     per_client: dict[str, torch.Tensor]  # client_id -> [N, C] p_j(.|x) (prior-corrected if enabled)
+    blind: torch.Tensor | None = None  # [N] bool: no SLM was allowed to score the text (its row is NaN)
 
     @property
     def ensemble_logits(self) -> torch.Tensor:
@@ -70,28 +101,39 @@ def score(
     texts: Sequence[str],
     labels: Sequence[int],
     models: Sequence[ClientModel],
-    weights: dict[str, float],
+    weights: Mapping[str, float | Sequence[float]],
     *,
     prior_correction: str,
     batch_size: int = 64,
     max_length: int = 128,
+    usable: Mapping[str, torch.Tensor] | None = None,
 ) -> Feedback:
+    """The ensemble's posterior: sum_j w_j p_j(.|x) with one weight per client, or w_jc per label (then
+    renormalised over labels). With `usable` (client -> [N] bool), a client scores only the texts it may:
+    the weights are renormalised over the clients left, and a text no client may score is marked `blind`."""
     per_client: dict[str, torch.Tensor] = {}
-    ens: torch.Tensor | None = None
+    num, den = None, None
     for m in models:
         logits = predict_logits(m.model, m.tokenizer, texts, batch_size=batch_size, max_length=max_length)
         if prior_correction == "counts":
             logits = logits - log_prior(m.label_counts)
         p = torch.softmax(logits, dim=-1)
         if prior_correction == "pool":
-            p = p / p.mean(0, keepdim=True).clamp(min=1e-6)
-            p = p / p.sum(-1, keepdim=True)
+            p = pool_calibrate(p)
         per_client[m.client_id] = p
-        ens = weights[m.client_id] * p if ens is None else ens + weights[m.client_id] * p
-    assert ens is not None, "score() needs at least one client model"
+        w = torch.as_tensor(weights[m.client_id], dtype=torch.float).expand_as(p)
+        if usable is not None:
+            w = w * usable[m.client_id].float().unsqueeze(1)
+        num = w * p if num is None else num + w * p
+        den = w if den is None else den + w
+    assert num is not None and den is not None, "score() needs at least one client model"
+    blind = den[:, 0] <= 0
+    ens = num / den.clamp(min=1e-12)
+    ens = ens / ens.sum(-1, keepdim=True).clamp(min=1e-12)
+    ens[blind] = float("nan")
     y = torch.tensor(list(labels), dtype=torch.long)
     q = ens.gather(1, y.unsqueeze(1)).squeeze(1)
-    return Feedback(q=q, ensemble_probs=ens, per_client=per_client)
+    return Feedback(q=q, ensemble_probs=ens, per_client=per_client, blind=blind)
 
 
 def candidates(labels: Sequence[int], feedback: Feedback, *, num_labels: int, tau: float) -> list[list[int]]:

@@ -1,5 +1,8 @@
 """Step 3: the LLM writes labelled task data, x ~ G(. | P(y)), through its chat template.
 
+With in-context feedback, each prompt also shows a few texts of its label that the SLMs scored best,
+rotated per sample (ProGen, Ye et al. 2022): the generator sees what the clients' models recognise.
+
 Samples are cleaned lightly (a preamble line like "Here is a review:" and a sentence cut off by the token
 limit are removed), then empty, too-short and duplicate texts (also against earlier updates) are dropped.
 """
@@ -65,6 +68,26 @@ class GenerationStats:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+EXAMPLE_CHARS = 300
+"""An in-context example is cut to this many characters: the prompt stays short."""
+
+
+def with_examples(prompt: str, examples: list[str]) -> str:
+    """P(y) followed by example texts of label y and a request for a new one."""
+    if not examples:
+        return prompt
+    shown = "\n".join(f"- {' '.join(t.split())[:EXAMPLE_CHARS]}" for t in examples)
+    return f"{prompt}\n\nExamples:\n{shown}\n\nWrite a new one, different from the examples."
+
+
+def rotated_examples(candidates: list[str], row: int, k: int) -> list[str]:
+    """The k examples of a label's `row`-th sample: consecutive candidates, shifted by k per sample, so
+    successive samples see different examples and every candidate is used."""
+    if not candidates or k <= 0:
+        return []
+    return [candidates[(row * k + j) % len(candidates)] for j in range(min(k, len(candidates)))]
+
+
 @torch.no_grad()
 def generate_samples(
     model: Any,
@@ -75,26 +98,35 @@ def generate_samples(
     seen: set[str],
     seed: int,
     snapshots: SnapshotCache | None = None,
+    examples: dict[int, list[str]] | None = None,
 ) -> tuple[list[GeneratedSample], GenerationStats]:
     """cfg.samples_per_label samples for each label; `seen` (content hashes) is updated in place.
-    With `snapshots`, an unchanged model's sampling snapshot is reused instead of rebuilt."""
+    With `snapshots`, an unchanged model's sampling snapshot is reused instead of rebuilt. `examples`
+    (label -> candidate texts) puts cfg.examples_per_prompt of them into each prompt, rotated per sample."""
     dtype = resolve_dtype(cfg.dtype, model_device(model))
     # Every draw (and anything the snapshot build draws) from `seed` alone; the global RNG is left as it was.
     with own_rng(seed, model_device(model)):
         t0 = time.perf_counter()
         # the current adapter merged in
         snapshot = snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
-        jobs = [y for y in range(task.num_labels) for _ in range(cfg.samples_per_label)]
-        prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
+        jobs = [(y, r) for y in range(task.num_labels) for r in range(cfg.samples_per_label)]
+        k, cands = cfg.examples_per_prompt, examples or {}
+        plain = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
+
+        def prompt_ids(y: int, r: int) -> list[int]:
+            shown = rotated_examples(cands.get(y, []), r, k)
+            return user_prompt_ids(tokenizer, with_examples(task.prompt_for(y), shown)) if shown else plain[y]
+
         eos = tokenizer.eos_token_id
         kept: list[GeneratedSample] = []
         tokens = 0
         with progress(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
             for s in range(0, len(jobs), cfg.batch_size):
-                labels = jobs[s : s + cfg.batch_size]
+                batch = jobs[s : s + cfg.batch_size]
+                labels = [y for y, _ in batch]
                 rows = sample_tokens(
                     snapshot,
-                    [prompts[y] for y in labels],
+                    [prompt_ids(y, r) for y, r in batch],
                     max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,

@@ -3,7 +3,8 @@
     L = L_QG + lambda_task * L_task + alpha * L_PR
 
 L_QG   quality-guided generation loss: samples the SLM ensemble rates well (q near 1) become more likely,
-       poor ones (q near 0) less likely through a bounded unlikelihood term.
+       poor ones (q near 0) less likely through a bounded unlikelihood term. The centred form raises only
+       the texts above their label's mean q and pushes down only texts the SLMs read as another label.
 L_task the LLM as a classifier through a verbalizer, trained on the class-balanced good set S+.
 L_PR   probability regularisation: KL(p_theta0 || p_theta) per token position keeps the tuned LLM close
        to its original distribution, so its general ability survives.
@@ -36,9 +37,35 @@ def quality_guided_loss(
     tau: float = 0.5,
 ) -> torch.Tensor:
     """L_QG = mean_(x,y) [ -q * l(x|y) + beta * (1-q) * u(x|y) ]; hard variant uses q := 1[q >= tau]."""
-    l_seq, u_seq = sequence_terms(token_logp, target_mask)
     weight = (q >= tau).float() if hard else q
-    return (-weight * l_seq + beta * (1.0 - weight) * u_seq).mean()
+    return weighted_quality_loss(token_logp, target_mask, weight, 1.0 - weight, beta=beta)
+
+
+def weighted_quality_loss(
+    token_logp: torch.Tensor, target_mask: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """mean_(x,y) [ -up * l(x|y) + beta * down * u(x|y) ]: L_QG with any per-text weights."""
+    l_seq, u_seq = sequence_terms(token_logp, target_mask)
+    return (-up * l_seq + beta * down * u_seq).mean()
+
+
+def qg_weights(
+    q: torch.Tensor, labels: torch.Tensor, other: torch.Tensor, *, form: str, tau: float, hard: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per generated text, L_QG's likelihood weight `up` and unlikelihood weight `down`.
+
+    form 'q':       up = q (1[q >= tau] when hard), down = 1 - up.
+    form 'centred': up = max(q - mean q of the text's label, 0), computed over the update's texts; down = 1
+                    only when the SLMs are confident the text is of another label (`other`, their highest
+                    probability of another label, is >= tau and above q), else 0."""
+    if form == "q":
+        up = (q >= tau).float() if hard else q
+        return up, 1.0 - up
+    up = torch.zeros_like(q)
+    for c in labels.unique():
+        mine = labels == c
+        up[mine] = (q[mine] - q[mine].mean()).clamp(min=0.0)
+    return up, ((other >= tau) & (other > q)).float()
 
 
 def probability_regularizer(

@@ -156,6 +156,11 @@ class CrossLMServer:
             dtype=self.cfg.clients.upload_dtype,
         )
 
+    def eval_model(self) -> Any:
+        """The LLM with its adapter merged in, in eval.llm_dtype: the same function as the peft model, less
+        work. Cached until the adapter changes; every classification pass of the server uses it."""
+        return self.snapshots.get(self.llm, resolve_dtype(self.cfg.eval.llm_dtype, self.device))
+
     def evaluate_llm(self, update: int) -> dict[str, Any]:
         """Raw and calibrated accuracy with the task's label words; at update 0 (the zero-shot baseline)
         other label-word forms are tried too, so the baseline gets its best form."""
@@ -167,9 +172,8 @@ class CrossLMServer:
                 if tuple(words) != self.task.verbalizer and len(set(words)) == len(words):
                     forms[name] = words
         dtype = resolve_dtype(self.cfg.eval.llm_dtype, self.device)
-        model = self.snapshots.get(self.llm, dtype)  # the adapter merged in: the same function, less work
         metrics = evaluate_llm(
-            model, self.tokenizer, self.task, self.llm_eval_data, other_verbalizers=forms, **kw
+            self.eval_model(), self.tokenizer, self.task, self.llm_eval_data, other_verbalizers=forms, **kw
         )
         event = {"event": "llm_eval", "update": update, "dtype": dtype_name(dtype), **metrics}
         self.log(event)

@@ -24,7 +24,7 @@ from crosslm.modeling.llm_text import (
 )
 from crosslm.progress import progress
 from crosslm.seeding import own_rng
-from crosslm.server.losses import probability_regularizer, quality_guided_loss, task_loss
+from crosslm.server.losses import probability_regularizer, qg_weights, task_loss, weighted_quality_loss
 from crosslm.server.verbalizer import label_scores
 from crosslm.task import TaskSpec
 
@@ -60,11 +60,18 @@ def tune_adapter(
     max_text_tokens: int,
     tau: float,
     seed: int,
+    other: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """One server update's adapter tuning. `generated` = (text, label, q); `good` = S+ as (text, label).
-    Returns the mean of each loss term over the steps."""
+    `other` (the centred L_QG) = per generated text, the SLMs' highest probability of a label other than
+    its own. Returns the mean of each loss term over the steps."""
     if cfg.steps == 0 or not generated:
         return {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
+    up, down = qg_weights(torch.tensor([q for _, _, q in generated], dtype=torch.float),
+                          torch.tensor([y for _, y, _ in generated]),
+                          torch.tensor(list(other) if other is not None else [0.0] * len(generated)),
+                          form=cfg.qg_form, tau=tau, hard=cfg.hard)  # fmt: skip
+    items = [(t, y, float(a), float(b)) for (t, y, _), a, b in zip(generated, up, down, strict=True)]
     rng = random.Random(seed)
     prompts = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -78,8 +85,8 @@ def tune_adapter(
     amp = precision.autocast(cfg.autocast, device)
     with own_rng(seed, device):  # LoRA dropout: from this update's seed alone
         for _ in progress(range(cfg.steps), desc="tune LLM", unit="step", leave=False):
-            rows = rng.sample(list(generated), min(cfg.batch_size, len(generated)))
-            conts = [answer_ids(tokenizer, t) for t, _, _ in rows]
+            rows = rng.sample(items, min(cfg.batch_size, len(items)))
+            conts = [answer_ids(tokenizer, t) for t, _, _, _ in rows]
             n_tokens = sum(len(c) for c in conts)  # L_PR is a mean over all generated-token positions
             opt.zero_grad(set_to_none=True)
             step = {"qg": 0.0, "pr": 0.0, "task": 0.0}
@@ -87,19 +94,15 @@ def tune_adapter(
             for s in range(0, len(rows) if cfg.qg_weight > 0 or cfg.alpha > 0 else 0, micro):
                 part = rows[s : s + micro]
                 batch = pair_batch(
-                    [prompts[y] for _, y, _ in part], conts[s : s + micro], tokenizer.pad_token_id, device
+                    [prompts[y] for _, y, _, _ in part], conts[s : s + micro], tokenizer.pad_token_id, device
                 )
-                q = torch.tensor([qq for _, _, qq in part], dtype=torch.float, device=device)
+                w_up = torch.tensor([a for _, _, a, _ in part], dtype=torch.float, device=device)
+                w_down = torch.tensor([b for _, _, _, b in part], dtype=torch.float, device=device)
                 with amp:
                     logits = next_token_logits(model, batch).float()
-                l_qg = quality_guided_loss(
-                    gather_logprobs(logits, batch),
-                    batch.target_mask,
-                    q,
-                    beta=cfg.beta,
-                    hard=cfg.hard,
-                    tau=tau,
-                ) * (len(part) / len(rows))
+                l_qg = weighted_quality_loss(gather_logprobs(logits, batch), batch.target_mask, w_up, w_down,
+                                             beta=cfg.beta)  # fmt: skip
+                l_qg = l_qg * (len(part) / len(rows))
                 loss = cfg.qg_weight * l_qg
                 if cfg.alpha > 0:
                     with torch.no_grad(), model.disable_adapter(), amp:

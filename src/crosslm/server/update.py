@@ -1,6 +1,6 @@
 """One CrossLM server update, the algorithm in one place (docs/algorithm.md states its formulation):
 
-    generate -> score -> tune the LLM -> distil the SLMs -> log
+    generate -> score (the SLMs; the LLM as a second labeller) -> tune the LLM -> distil the SLMs -> log
 
 The server (server.py) keeps the registry of client SLMs, the synthetic pool and the LLM; `crosslm_update`
 is its update for the CrossLM methods, as `baselines.py` holds the baselines' updates.
@@ -17,7 +17,6 @@ import torch
 
 from crosslm.modeling.metrics import distinct_n
 from crosslm.modeling.slm import fit
-from crosslm.precision import resolve_dtype
 from crosslm.progress import note
 from crosslm.protocol import WireMessage
 from crosslm.seeding import pass_seed
@@ -25,7 +24,10 @@ from crosslm.server.feedback import (
     Feedback,
     Signal,
     candidates,
+    combine,
     label_signal,
+    label_weights,
+    pool_calibrate,
     score,
     select_good,
     staleness_weights,
@@ -46,6 +48,8 @@ class SyntheticExample:
     hash: str
     update: int  # the server update that generated it
     llm_version: int  # adapter version that wrote it (= updates completed before)
+    slm_probs: list[float] | None = None  # the SLM ensemble's posterior at its last scoring
+    llm_probs: list[float] | None = None  # the LLM's calibrated posterior, scored once before tuning on it
 
 
 @dataclass
@@ -55,6 +59,15 @@ class Selection:
     feedback: Feedback
     good: list[int]  # S+: pool indices
     missing: list[int] = field(default_factory=list)  # labels with no qualifying sample
+
+
+@dataclass
+class DistillSet:
+    """The texts a reply is distilled on, with their target distributions and loss weights."""
+
+    indices: list[int]  # pool indices
+    targets: torch.Tensor  # [n, C]
+    weights: torch.Tensor | None = None  # [n], mean 1; None = every text alike
 
 
 class PhaseTimer:
@@ -82,33 +95,45 @@ def staleness(server: CrossLMServer, u: int) -> dict[str, int]:
 def crosslm_update(server: CrossLMServer, triggers: list[str], u: int) -> list[tuple[str, WireMessage]]:
     """Update `u`, triggered by `triggers`' uploads; returns their enhanced SLMs."""
     timer = PhaseTimer()
-    weights = staleness_weights(list(server.models.values()), u - 1, server.cfg.feedback.gamma)
+    weights = ensemble_weights(server, u)
     new, gstats = generate(server, u)
     timer("generate")
     sel = select(server, weights)
+    label_with_llm(server, new)
     log_samples(server, new, sel.feedback, u)
     signal = check_signal(server, sel, u)
     timer("feedback")
     guard: dict[str, Any] = {}
     if signal is None or signal.found:
         losses, guard = tune_llm(server, new, sel, u)
+        dset = distillation_set(server, sel)
     else:  # the ensemble cannot tell the labels apart: its scores would teach noise to both sides
         sel.good, losses = [], {}
+        dset = DistillSet([], torch.zeros(0, server.task.num_labels))
     timer("tune_llm")
-    responses = [(cid, distil(server, cid, sel, u)) for cid in triggers]
+    responses = [(cid, distil(server, cid, dset, u)) for cid in triggers]
     timer("distill")
     if losses and not guard.get("rolled_back") and server.cfg.tune.steps > 0:  # else the LLM is unchanged
         server.evaluate_llm(u)
     timer("evaluate_llm")
     event = update_event(server, u, triggers, weights, new, gstats, sel, losses, timer)
-    event.update(signal_fields(signal), **guard)
+    event.update(signal_fields(signal), **guard, **distilled_fields(server, dset))
     if u == 1:  # whether the generator writes the user's kind of text shows in the first minutes
         event["samples_by_label"] = samples_by_label(server, new)
         note(first_update_line(event, server.task.labels))
     elif signal is not None and not signal.found:
         note(f"update {u}: no signal, the LLM and the SLMs are left as they are ({signal.reason})")
     server.log(event)
+    server.log(distilled_event(server, dset, u, triggers))
     return responses
+
+
+def ensemble_weights(server: CrossLMServer, u: int) -> dict[str, Any]:
+    """w_j (one per client) or w_jc (per label, feedback.per_label_weights) as seen by update `u`."""
+    fb, models = server.cfg.feedback, list(server.models.values())
+    if fb.per_label_weights:
+        return dict(label_weights(models, u - 1, fb.gamma))
+    return dict(staleness_weights(models, u - 1, fb.gamma))
 
 
 def check_signal(server: CrossLMServer, sel: Selection, u: int) -> Signal | None:
@@ -138,12 +163,27 @@ def generate(server: CrossLMServer, u: int) -> tuple[range, GenerationStats]:
         seen=server.seen,
         seed=pass_seed(server.cfg.seed, "generate", u),
         snapshots=server.snapshots,
+        examples=prompt_examples(server),
     )
     server.pool += [SyntheticExample(s.text, s.label, s.hash, u, u - 1) for s in samples]
     return range(len(server.pool) - len(samples), len(server.pool)), stats
 
 
-def select(server: CrossLMServer, weights: dict[str, float]) -> Selection:
+def prompt_examples(server: CrossLMServer) -> dict[int, list[str]]:
+    """Per label, the pool texts the SLM ensemble (at its last scoring) reads as that label, highest q
+    first, at most generation.example_candidates: the in-context examples of the next prompts. Nothing
+    without feedback or before the first scoring."""
+    g = server.cfg.generation
+    if g.examples_per_prompt <= 0 or not server.cfg.feedback.enabled:
+        return {}
+    out: dict[int, list[tuple[float, str]]] = {}
+    for e in server.pool:
+        if e.slm_probs is not None and argmax(e.slm_probs) == e.label:
+            out.setdefault(e.label, []).append((e.slm_probs[e.label], e.text))
+    return {y: [t for _, t in sorted(c, key=lambda x: -x[0])[: g.example_candidates]] for y, c in out.items()}
+
+
+def select(server: CrossLMServer, weights: dict[str, Any]) -> Selection:
     """Step 3: the SLM ensemble scores the whole pool (it improves as SLMs arrive) and S+ is chosen;
     without feedback (KD without feedback) nothing is scored and every sample is kept with its label."""
     cfg, num_labels = server.cfg, server.task.num_labels
@@ -152,12 +192,122 @@ def select(server: CrossLMServer, weights: dict[str, float]) -> Selection:
         return Selection(Feedback.unscored(len(texts), num_labels), list(range(len(texts))))
     tau = cfg.feedback.threshold(num_labels)
     fb = score(texts, labels, list(server.models.values()), weights, prior_correction=cfg.feedback.prior_correction,
-               batch_size=cfg.eval.batch_size, max_length=cfg.clients.max_length)  # fmt: skip
+               batch_size=cfg.eval.batch_size, max_length=cfg.clients.max_length,
+               usable=undistilled(server) if cfg.feedback.exclude_distilled else None)  # fmt: skip
+    keep_last_scores(server, fb, labels)
     qualifying = candidates(labels, fb, num_labels=num_labels, tau=tau)
     good = select_good(labels, fb, num_labels=num_labels, tau=tau, max_per_label=cfg.feedback.max_per_label,
                        missing_labels=cfg.feedback.missing_labels, min_per_label=cfg.feedback.min_per_label,
                        qualifying=qualifying)  # fmt: skip
     return Selection(fb, good, [c for c, p in enumerate(qualifying) if not p])
+
+
+def undistilled(server: CrossLMServer) -> dict[str, torch.Tensor]:
+    """Per client, the pool texts its SLM may score: those written after the reply its weights descend
+    from (base_version). An SLM distilled at update v may have been trained on any text from updates <= v,
+    and would score it up because it learnt it: a confirmation loop."""
+    written = torch.tensor([e.update for e in server.pool])
+    return {m.client_id: written > m.base_version for m in server.models.values()}
+
+
+def keep_last_scores(server: CrossLMServer, fb: Feedback, labels: list[int]) -> None:
+    """A text no SLM may score keeps the ensemble's posterior from its last scoring; every other text's
+    posterior is remembered for that. (Each text is scored when it is written: by SLMs from before it.)"""
+    if fb.blind is not None and bool(fb.blind.any()):
+        rows = torch.nonzero(fb.blind).flatten().tolist()
+        uniform = [1.0 / fb.ensemble_probs.shape[1]] * fb.ensemble_probs.shape[1]  # never scored: no opinion
+        last = [server.pool[i].slm_probs or uniform for i in rows]
+        fb.ensemble_probs[rows] = torch.tensor(last, dtype=fb.ensemble_probs.dtype)
+        fb.q[rows] = fb.ensemble_probs[rows, torch.tensor([labels[i] for i in rows])]
+    for e, row in zip(server.pool, fb.ensemble_probs.tolist(), strict=True):
+        e.slm_probs = row
+
+
+def label_with_llm(server: CrossLMServer, new: range) -> None:
+    """Step 3b: the LLM as a second labeller (distill.labeller llm or both). Each new text gets the LLM's
+    verbalizer posterior once, now, before the LLM is tuned on it, calibrated over this update's
+    label-balanced new texts (the LLM's label-word bias removed as the SLMs' label prior is)."""
+    cfg = server.cfg
+    if not cfg.feedback.enabled or cfg.distill.labeller == "slms" or not len(new):
+        return
+    scores = label_scores(server.eval_model(), server.tokenizer, server.task, [server.pool[i].text for i in new],
+                          max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size,
+                          progress=True)  # fmt: skip
+    posterior = pool_calibrate(torch.softmax(scores.float().cpu(), dim=-1))
+    for i, row in zip(new, posterior.tolist(), strict=True):
+        server.pool[i].llm_probs = row
+
+
+def labeller_posterior(server: CrossLMServer, sel: Selection) -> torch.Tensor:
+    """[N, C] the posterior distill.labeller names: the SLM ensemble's, the LLM's or their product."""
+    labeller, ens = server.cfg.distill.labeller, sel.feedback.ensemble_probs
+    if labeller == "slms":
+        return ens
+    uniform = [1.0 / server.task.num_labels] * server.task.num_labels
+    llm = torch.tensor([e.llm_probs or uniform for e in server.pool])
+    return llm if labeller == "llm" else combine(ens, llm)
+
+
+def distillation_set(server: CrossLMServer, sel: Selection) -> DistillSet:
+    """Step 5a: what the SLMs are distilled on.
+
+    - `splus`: S+ (class-balanced by count), target (1 - mu) onehot(y) + mu softmax(log r / T).
+    - `pool`: every pool text whose labeller posterior r agrees with its intended label (a label with no
+      such text gets its highest-r texts, when feedback.missing_labels is fill), the same target, and loss
+      weights r(y|x) normalised so that every label carries the same total weight.
+    Without feedback every text keeps its intended label (KD without feedback), balanced the same way."""
+    d, num_labels = server.cfg.distill, server.task.num_labels
+    y = torch.tensor(pool_labels(server), dtype=torch.long)
+    if not server.cfg.feedback.enabled:
+        idx = list(range(len(y)))
+        posterior = sel.feedback.ensemble_probs
+        weights = balanced_weights(y, torch.ones(len(y))) if d.source == "pool" and len(y) else None
+    else:
+        posterior = labeller_posterior(server, sel)
+        if d.source == "splus":
+            idx, weights = list(sel.good), None
+        else:
+            idx, weights = pool_selection(
+                y, posterior, num_labels, d.agreement, server.cfg.feedback.missing_labels
+            )
+    if not idx:
+        return DistillSet([], torch.zeros(0, num_labels))
+    rows = torch.tensor(idx)
+    targets = kd_targets(
+        y[rows], torch.log(posterior[rows].clamp(min=1e-12)), mu=d.mu, temperature=d.temperature
+    )
+    return DistillSet(idx, targets, weights)
+
+
+def pool_selection(
+    y: torch.Tensor, posterior: torch.Tensor, num_labels: int, agreement: bool, missing_labels: str
+) -> tuple[list[int], torch.Tensor | None]:
+    """The pool texts to distil and their class-balanced, quality-weighted loss weights."""
+    quality = posterior.gather(1, y.unsqueeze(1)).squeeze(1)
+    keep = posterior.argmax(-1) == y if agreement else torch.ones(len(y), dtype=torch.bool)
+    per_label = [torch.nonzero(keep & (y == c)).flatten() for c in range(num_labels)]
+    present = [len(p) for p in per_label if len(p)]
+    if not present or (missing_labels == "empty" and len(present) < len(per_label)):
+        return [], None
+    if missing_labels == "fill":  # a label the labeller never confirms still gets its best candidates
+        m = min(present)
+        for c, p in enumerate(per_label):
+            if not len(p):
+                mine = torch.nonzero(y == c).flatten()
+                per_label[c] = mine[torch.argsort(quality[mine], descending=True)[:m]]
+    idx = torch.cat(per_label).sort().values
+    return idx.tolist(), balanced_weights(y[idx], quality[idx])
+
+
+def balanced_weights(y: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """w_i = quality_i / (sum of quality over label y_i's texts), scaled to mean 1: every label present
+    carries the same total weight, and within a label the surer texts weigh more."""
+    w = torch.zeros(len(y))
+    labels = y.unique()
+    for c in labels:
+        mine = y == c
+        w[mine] = quality[mine] / quality[mine].sum().clamp(min=1e-12)
+    return w * len(y) / len(labels)
 
 
 def tune_llm(
@@ -182,6 +332,7 @@ def tune_llm(
         max_text_tokens=server.cfg.llm.max_text_tokens,
         tau=server.cfg.feedback.threshold(server.task.num_labels),
         seed=pass_seed(server.cfg.seed, "tune_llm", u),
+        other=[other_label_share(sel.feedback, i, labels[i]) for i in new],
     )
     if before is None:
         return losses, {}
@@ -195,6 +346,13 @@ def tune_llm(
                     p.copy_(saved[n])
         note(f"update {u}: the LLM's update was undone (it called {100 * after:.0f} % of S+ one label)")
     return losses, {"llm_majority_share": [before, after], "rolled_back": rolled_back}
+
+
+def other_label_share(fb: Feedback, i: int, y: int) -> float:
+    """The SLM ensemble's highest probability of a label other than y for pool text i."""
+    row = fb.ensemble_probs[i].clone()
+    row[y] = -1.0
+    return float(row.max())
 
 
 def collapse_probe(server: CrossLMServer, sel: Selection, per_label: int = 16) -> list[str]:
@@ -213,27 +371,50 @@ def collapse_probe(server: CrossLMServer, sel: Selection, per_label: int = 16) -
 def majority_share(server: CrossLMServer, texts: list[str]) -> float:
     """The share of `texts` the LLM (its raw verbalizer prediction) gives its most predicted label."""
     cfg = server.cfg
-    model = server.snapshots.get(server.llm, resolve_dtype(cfg.eval.llm_dtype, server.device))
-    scores = label_scores(model, server.tokenizer, server.task, texts,
+    scores = label_scores(server.eval_model(), server.tokenizer, server.task, texts,
                           max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size)  # fmt: skip
     counts = torch.bincount(scores.argmax(-1), minlength=server.task.num_labels)
     return float(counts.max()) / len(texts)
 
 
-def distil(server: CrossLMServer, cid: str, sel: Selection, u: int) -> WireMessage:
-    """Step 5: distil S+ into a copy of client `cid`'s latest SLM (the registry keeps the uploaded one)
-    and encode it as the reply that goes back to the client."""
+def distil(server: CrossLMServer, cid: str, dset: DistillSet, u: int) -> WireMessage:
+    """Step 5b: distil the distillation set into a copy of client `cid`'s latest SLM (the registry keeps
+    the uploaded one) and encode it as the reply that goes back to the client."""
     m = server.models[cid]
     student = copy.deepcopy(m.model)
-    if sel.good:
+    if dset.indices:
         d = server.cfg.distill
-        texts, labels = pool_texts(server), pool_labels(server)
-        targets = kd_targets(torch.tensor([labels[i] for i in sel.good]), sel.feedback.ensemble_logits[sel.good],
-                             mu=d.mu, temperature=d.temperature)  # fmt: skip
-        fit(student, m.tokenizer, [texts[i] for i in sel.good], targets, epochs=d.epochs, lr=d.lr,
-            batch_size=d.batch_size, max_length=server.cfg.clients.max_length,
-            seed=pass_seed(server.cfg.seed, "distil", u), desc=f"distil {cid}", autocast=d.autocast)  # fmt: skip
+        texts = pool_texts(server)
+        fit(student, m.tokenizer, [texts[i] for i in dset.indices], dset.targets, epochs=d.epochs, lr=d.lr,
+            batch_size=d.batch_size, max_length=server.cfg.clients.max_length, max_steps=d.steps or None,
+            sample_weights=dset.weights, seed=pass_seed(server.cfg.seed, "distil", u), desc=f"distil {cid}",
+            autocast=d.autocast)  # fmt: skip
     return server.reply(cid, student, student.state_dict(), u)
+
+
+def distilled_fields(server: CrossLMServer, dset: DistillSet) -> dict[str, Any]:
+    """The distillation set's size per label (by its targets' most likely label) for the update event."""
+    per_label = (
+        torch.bincount(dset.targets.argmax(-1), minlength=server.task.num_labels) if dset.indices else None
+    )
+    fields: dict[str, Any] = {
+        "distilled_size": len(dset.indices),
+        "distilled_per_label": per_label.tolist() if per_label is not None else [0] * server.task.num_labels,
+    }
+    hits = [argmax(e.llm_probs) == e.label for e in server.pool if e.llm_probs is not None]
+    if hits:  # how often the LLM labeller confirms the intended label, over the pool
+        fields["llm_agreement"] = sum(hits) / len(hits)
+    return fields
+
+
+def distilled_event(server: CrossLMServer, dset: DistillSet, u: int, triggers: list[str]) -> dict[str, Any]:
+    """Which texts the update's replies were distilled on (content hashes), with the label their target
+    favours and their loss weight: what a judge's label fidelity of the distilled data is measured on."""
+    weights = dset.weights.tolist() if dset.weights is not None else [1.0] * len(dset.indices)
+    return {"event": "distilled", "update": u, "clients": triggers,
+            "hashes": [server.pool[i].hash for i in dset.indices],
+            "labels": dset.targets.argmax(-1).tolist() if dset.indices else [],
+            "weights": [round(w, 4) for w in weights]}  # fmt: skip
 
 
 def log_samples(server: CrossLMServer, new: range, fb: Feedback, u: int) -> None:
@@ -247,6 +428,7 @@ def log_samples(server: CrossLMServer, new: range, fb: Feedback, u: int) -> None
                 "label": server.task.labels[e.label],
                 "q": float(fb.q[i]),
                 "slm_probs": {cid: float(p[i, e.label]) for cid, p in fb.per_client.items()},
+                **({"llm_q": e.llm_probs[e.label]} if e.llm_probs is not None else {}),
                 "update": u,
                 "llm_version": e.llm_version,
                 "slm_versions": versions,
@@ -327,6 +509,10 @@ def first_update_line(event: dict[str, Any], labels: tuple[str, ...]) -> str:
     for label, texts in event.get("samples_by_label", {}).items():
         lines += [f"  {label}: {t!r}" for t in texts]
     return "\n".join(lines)
+
+
+def argmax(p: list[float]) -> int:
+    return max(range(len(p)), key=p.__getitem__)
 
 
 def pool_texts(server: CrossLMServer) -> list[str]:
