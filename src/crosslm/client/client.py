@@ -19,7 +19,7 @@ from crosslm.catalogue.models import load_slm
 from crosslm.config import ClientConfig
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_dir, atomic_write_json
-from crosslm.modeling.metrics import macro_f1
+from crosslm.modeling.metrics import classification_metrics, macro_f1
 from crosslm.modeling.slm import evaluate, predict_logits, train_supervised
 from crosslm.partition import stratified_holdout
 from crosslm.precision import resolve_device
@@ -111,9 +111,12 @@ class Client:
         kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
         return evaluate(self.model, self.tokenizer, data, self.task.num_labels, **kw)
 
-    def _predict(self, data: LabelledTexts) -> list[int]:
+    def _logits(self, texts: list[str]) -> torch.Tensor:
         kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
-        return predict_logits(self.model, self.tokenizer, data.texts, **kw).argmax(-1).tolist()
+        return predict_logits(self.model, self.tokenizer, texts, **kw)
+
+    def _predict(self, data: LabelledTexts) -> list[int]:
+        return self._logits(data.texts).argmax(-1).tolist()
 
     def _train_private(self, epochs: int, seed: int, desc: str) -> float:
         """Supervised training on the client's private data with its local settings."""
@@ -189,9 +192,11 @@ class Client:
         adopted = True
         share = None
         if judged:
-            offered = {"validation": self._score(self.data.validation)}
-            share = worse_share(self.data.validation.labels, own_pred, self._predict(self.data.validation),
-                                self.task.num_labels, tolerance=self.cfg.accept_tolerance,
+            held = self.data.validation
+            offered_pred = self._predict(held)  # one pass: the metrics and the bootstrap both use it
+            offered = {"validation": classification_metrics(held.labels, offered_pred, self.task.num_labels)}
+            share = worse_share(held.labels, own_pred, offered_pred, self.task.num_labels,
+                                tolerance=self.cfg.accept_tolerance,
                                 seed=pass_seed(self.seed, "accept", msg.server_update))  # fmt: skip
             if self.cfg.accept_confidence > 0:
                 adopted = share < self.cfg.accept_confidence
@@ -201,9 +206,7 @@ class Client:
         if adopted:
             self.base_version = msg.server_update
             if self.cfg.keep_weight > 0:  # later local rounds keep close to what the reply taught
-                logits = predict_logits(self.model, self.tokenizer, self.data.train.texts,
-                                        batch_size=self.eval_batch_size, max_length=self.cfg.max_length)  # fmt: skip
-                self.keep_targets = torch.softmax(logits, dim=-1)
+                self.keep_targets = torch.softmax(self._logits(self.data.train.texts), dim=-1)
         else:
             offered["local"] = self._score(self.data.test)  # the refusal checked on more of its own texts
             if len(self.data.global_test):  # simulation only: what the refusal cost on the global split
