@@ -69,6 +69,10 @@ def test_range_checks():
     with pytest.raises(ConfigError, match=r"clients\.logit_adjust.*0 or more"):
         load_config(None, ["clients.logit_adjust=-1"])
     assert load_config(None, ["llm.device=cuda:1", "clients.device=cpu"]).llm.device == "cuda:1"
+    for bad in ("both", "slms+slms", "slms+"):
+        with pytest.raises(ConfigError, match=r"distill\.labeller.*joined by '\+'"):
+            load_config(None, [f"distill.labeller={bad}"])
+    assert load_config(None, ["distill.labeller=slms+generator"]).distill.labellers == ("slms", "generator")
 
 
 def test_missing_and_invalid_files(tmp_path):

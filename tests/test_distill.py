@@ -1,5 +1,5 @@
 """What the SLMs are distilled on: the distillation set (source, labeller, agreement, class-balanced
-quality weights), the LLM as a second labeller, and no SLM re-scoring a text it may have learnt."""
+quality weights), the LLM and the generator as labellers, and no SLM re-scoring a text it may have learnt."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from crosslm.config import load_config
+from crosslm.modeling.llm_text import answer_ids, user_prompt_ids
 from crosslm.modeling.slm import fit, soft_cross_entropy
 from crosslm.protocol import encode
 from crosslm.server.feedback import Feedback, combine
+from crosslm.server.generate import generator_scores
 from crosslm.server.server import CrossLMServer
 from crosslm.server.update import (
     Selection,
@@ -18,6 +20,7 @@ from crosslm.server.update import (
     distillation_set,
     keep_last_scores,
     label_with_llm,
+    labeller_posterior,
     pool_selection,
     undistilled,
 )
@@ -74,7 +77,9 @@ def test_balanced_weights_give_a_rare_label_as_much_weight_as_a_common_one():
 
 
 def test_distillation_from_the_pool_uses_the_labellers_product_as_soft_target():
-    srv = _server("distill.source=pool", "distill.labeller=both", "distill.mu=1.0", "distill.temperature=1.0")
+    srv = _server(
+        "distill.source=pool", "distill.labeller=slms+llm", "distill.mu=1.0", "distill.temperature=1.0"
+    )
     _pool(srv, [0, 1, 0, 1])
     slm = torch.tensor([[0.8, 0.2], [0.4, 0.6], [0.6, 0.4], [0.3, 0.7]])
     for e, row in zip(srv.pool, [[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9]], strict=True):
@@ -139,6 +144,35 @@ def test_the_llm_labels_each_new_text_once_with_a_calibrated_posterior(tiny_llm,
     _pool(srv_slms, [0, 1])
     label_with_llm(srv_slms, range(0, 2))
     assert srv_slms.pool[0].llm_probs is None  # the SLMs alone label: no LLM pass
+
+
+def test_the_generator_scores_a_text_by_its_likelihood_under_each_labels_prompt(tiny_llm, tiny_tokenizer):
+    texts = ["A fine film.", "Dull and long, far too long."]
+    scores = generator_scores(tiny_llm, tiny_tokenizer, TOY_TASK, texts, batch_size=3)  # rows mix lengths
+    for i, text in enumerate(texts):
+        for c in range(2):  # one unpadded sequence at a time: sum_t log p(x_t | P(c), x_<t)
+            prompt, answer = (
+                user_prompt_ids(tiny_tokenizer, TOY_TASK.prompt_for(c)),
+                answer_ids(tiny_tokenizer, text),
+            )
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny_llm(torch.tensor([prompt + answer])).logits[0].float(), -1)
+            direct = sum(float(logp[len(prompt) + t - 1, tok]) for t, tok in enumerate(answer))
+            assert scores[i, c].item() == pytest.approx(direct, abs=1e-3)
+
+
+def test_the_generator_labels_new_texts_and_joins_the_product(tiny_llm, tiny_tokenizer):
+    srv = _server(
+        "distill.labeller=slms+generator", "eval.llm_dtype=float32", llm=tiny_llm, tokenizer=tiny_tokenizer
+    )
+    _pool(srv, [0, 1, 0, 1])
+    label_with_llm(srv, range(4))
+    assert all(e.llm_probs is None for e in srv.pool)  # the verbalizer was not asked
+    gen = torch.tensor([e.gen_probs for e in srv.pool])
+    assert torch.allclose(gen.sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(gen.mean(0), torch.full((2,), 0.5), atol=0.05)  # calibrated on the balanced texts
+    slm = torch.tensor([[0.8, 0.2], [0.4, 0.6], [0.6, 0.4], [0.3, 0.7]])
+    assert torch.allclose(labeller_posterior(srv, _selection(slm, [0, 1, 0, 1])), combine(slm, gen))
 
 
 def test_fit_weights_examples_and_stops_at_max_steps():

@@ -201,25 +201,28 @@ def test_shuffled_labels_find_no_signal_and_harm_no_model(tmp_path):
 
 
 def test_pool_distillation_with_the_llm_as_labeller_runs_end_to_end(tmp_path):
-    """The distillation levers together on the real models: the pool labelled by the SLMs and the LLM,
-    per-label weights, no SLM re-scoring its own distilled texts, and clients keeping their replies."""
+    """The distillation levers together on the real models: the pool labelled by the SLMs, the LLM's
+    verbalizer and the generator's own posterior, per-label weights, no SLM re-scoring its own distilled
+    texts, drawn prompt attributes, and clients keeping their replies."""
     res = _crosslm(
         "run", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}", "--set", "name=levers",
-        "--set", "distill.source=pool", "--set", "distill.labeller=both", "--set", "distill.steps=4",
+        "--set", "distill.source=pool", "--set", "distill.labeller=slms+llm+generator", "--set", "distill.steps=4",
         "--set", "feedback.per_label_weights=true", "--set", "feedback.exclude_distilled=true",
-        "--set", "clients.keep_weight=0.5", "--set", "distill.agreement=false", timeout=900,
+        "--set", "clients.keep_weight=0.5", "--set", "distill.agreement=false",
+        "--set", "generation.attributes=[Keep it to one sentence., Write it in a casual tone.]", timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "levers"
     ev = _events(run_dir)
     syn = {r["hash"]: r for r in map(json.loads, (run_dir / "synthetic.jsonl").read_text().splitlines())}
     assert syn and all(0.0 <= r["llm_q"] <= 1.0 for r in syn.values())  # the LLM labelled every text
+    assert all(0.0 <= r["generator_q"] <= 1.0 for r in syn.values())  # and so did the generator
     updates = [e for e in ev if e["event"] == "server_update"]
     distilled = [e for e in ev if e["event"] == "distilled"]
     assert [d["update"] for d in distilled] == [u["update"] for u in updates] == [1, 2]
     for u, d in zip(updates, distilled, strict=True):
         assert isinstance(u["weights"]["client-0"], list) and len(u["weights"]["client-0"]) == 2
-        assert 0.0 <= u["llm_agreement"] <= 1.0
+        assert 0.0 <= u["llm_agreement"] <= 1.0 and 0.0 <= u["generator_agreement"] <= 1.0
         # agreement off: the whole pool so far, every text weighted, each label carrying the same total
         assert u["distilled_size"] == len(d["hashes"]) == u["pool_size"] and set(d["hashes"]) <= set(syn)
         by_label = [sum(w for w, h in zip(d["weights"], d["hashes"], strict=True) if syn[h]["label"] == name)

@@ -72,3 +72,27 @@ def test_each_prompt_shows_its_own_labels_examples(tiny_tokenizer, tiny_llm, mon
     assert "- dull plot" in neg[0] and "- flat acting" in neg[1]  # rotated per sample
     assert all("negative" in p and "sharp script" not in p for p in neg)
     assert all("- sharp script" in p for p in pos)
+
+
+def test_each_sample_draws_one_attribute_and_the_draw_is_seeded(tiny_tokenizer, tiny_llm, monkeypatch):
+    from crosslm.server import generate as gen
+
+    seen_prompts: list[str] = []
+    real = gen.sample_tokens
+
+    def capture(model, prompts, **kw):
+        seen_prompts.extend("".join(tiny_tokenizer.convert_ids_to_tokens(p)) for p in prompts)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "sample_tokens", capture)
+    attrs = ["Keep it short.", "Write it in a casual tone.", "Mention the ending."]
+    cfg = GenerationConfig(
+        samples_per_label=12, batch_size=32, max_new_tokens=2, min_words=1, attributes=attrs
+    )
+    generate_samples(tiny_llm, tiny_tokenizer, TASK, cfg, seen=set(), seed=3)
+    shown = [[a for a in attrs if a in p] for p in seen_prompts]
+    assert all(len(s) == 1 for s in shown)  # exactly one attribute per prompt
+    assert len({s[0] for s in shown}) == 3  # 24 draws reach every attribute
+    assert all(("negative" in p) == (i < 12) for i, p in enumerate(seen_prompts))  # the label's prompt kept
+    assert gen.drawn_attributes(attrs, 24, 3) == [s[0] for s in shown]  # from the seed alone
+    assert gen.drawn_attributes([], 2, 3) == ["", ""]

@@ -24,8 +24,9 @@ from crosslm.precision import COMPUTE_DTYPES, DEVICE_NAME
 MISSING_LABEL_RULES = ("empty", "skip", "fill")
 DISTILL_SOURCES = ("splus", "pool")
 """distill.source: what an enhanced SLM is distilled on (crosslm.server.update.distillation_set)."""
-LABELLERS = ("slms", "llm", "both")
-"""distill.labeller: whose posterior over labels filters and soft-labels the distilled texts."""
+LABELLERS = ("slms", "llm", "generator")
+"""distill.labeller: whose posteriors over labels (one, or several joined by '+') filter and soft-label the
+distilled texts."""
 """What S+ does when some label has no qualifying sample (crosslm.server.feedback.select_good)."""
 TAU_AUTO_FACTOR = 1.2
 """feedback.tau: auto = TAU_AUTO_FACTOR / number of labels."""
@@ -176,6 +177,12 @@ class GenerationConfig:
     example_candidates: int = option(
         16, "The best-scored pool texts per label that the in-context examples rotate over."
     )
+    attributes: list[str] = option(
+        [],
+        "Diversity by instruction: each sample's prompt ends with one of these sentences, drawn per sample "
+        "(e.g. 'Keep it to one sentence.', 'Write it in a casual tone.', or sub-topics in the task owner's "
+        "words). Empty = the plain prompt.",
+    )
     dtype: str = option(
         "auto",
         "Weights used for sampling: float32 (the model as trained), bfloat16, or auto (bfloat16 where a "
@@ -294,9 +301,11 @@ class DistillConfig:
     labeller: str = option(
         "slms",
         "Whose posterior over labels filters (distill.source pool) and soft-labels the distilled texts: "
-        "'slms' (the SLM ensemble), 'llm' (the LLM's verbalizer, calibrated over each update's label-balanced "
-        "new texts, scored once before the LLM is tuned on them) or 'both' (their normalised product). "
-        "Without feedback (KD without feedback) nothing is scored and the intended labels are used.",
+        "'slms' (the SLM ensemble), 'llm' (the LLM's verbalizer), 'generator' (the generator's own posterior "
+        "p(y|x) proportional to p(x | P(y)), SuperGen) or several joined by '+' (e.g. 'slms+llm': their "
+        "normalised product). The LLM's posteriors are computed once per text, before the LLM is tuned on it, "
+        "and calibrated over the update's label-balanced new texts. Without feedback (KD without feedback) "
+        "nothing is scored and the intended labels are used.",
     )
     agreement: bool = option(
         True,
@@ -305,6 +314,11 @@ class DistillConfig:
     steps: int = option(
         0, "Distillation optimizer steps per reply; 0 = distill.epochs passes over the distilled texts."
     )
+
+    @property
+    def labellers(self) -> tuple[str, ...]:
+        """The parts of `labeller`, e.g. ('slms', 'llm')."""
+        return tuple(self.labeller.split("+"))
 
 
 @dataclass
@@ -579,6 +593,11 @@ def validate(cfg: RunConfig) -> None:
     need(g.batch_size >= 1, "generation.batch_size", "at least 1")
     need(g.examples_per_prompt >= 0, "generation.examples_per_prompt", "0 or more")
     need(g.example_candidates >= 1, "generation.example_candidates", "at least 1")
+    need(
+        all(isinstance(a, str) and a.strip() for a in g.attributes),
+        "generation.attributes",
+        "a list of non-empty sentences",
+    )
     need(cfg.eval.split in ("test", "validation"), "eval.split", "test or validation")
     for key in PRECISION_KEYS:
         need(get_key(cfg, key) in COMPUTE_DTYPES, key, "auto, float32 or bfloat16")
@@ -603,7 +622,12 @@ def validate(cfg: RunConfig) -> None:
     need(0 <= ds.mu <= 1, "distill.mu", "a number in [0, 1]")
     need(ds.temperature > 0, "distill.temperature", "a positive number")
     need(ds.source in DISTILL_SOURCES, "distill.source", " or ".join(DISTILL_SOURCES))
-    need(ds.labeller in LABELLERS, "distill.labeller", ", ".join(LABELLERS))
+    parts = ds.labeller.split("+")
+    need(
+        all(x in LABELLERS for x in parts) and len(set(parts)) == len(parts),
+        "distill.labeller",
+        f"one of {', '.join(LABELLERS)}, or several joined by '+' (e.g. slms+llm)",
+    )
     need(ds.steps >= 0, "distill.steps", "0 or more (0 = distill.epochs passes)")
     need(0 <= c.keep_weight < 1, "clients.keep_weight", "a weight in [0, 1)")
     need(fed.updates >= 1, "federation.updates", "at least 1")

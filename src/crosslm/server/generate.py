@@ -1,7 +1,12 @@
 """Step 3: the LLM writes labelled task data, x ~ G(. | P(y)), through its chat template.
 
-With in-context feedback, each prompt also shows a few texts of its label that the SLMs scored best,
+With `generation.attributes`, each prompt ends with an instruction drawn per sample (a length, a style, a
+sub-topic), so samples of one label differ by more than sampling noise. With in-context feedback, each
+prompt also shows a few texts of its label that the SLMs scored best,
 rotated per sample (ProGen, Ye et al. 2022): the generator sees what the clients' models recognise.
+
+The generator also labels: p(y | x) is proportional to p(x | P(y)), the likelihood of a text under each
+label's prompt (SuperGen, Meng et al. 2022), a labeller that needs no classifier.
 
 Samples are cleaned lightly (a preamble line like "Here is a review:" and a sentence cut off by the token
 limit are removed), then empty, too-short and duplicate texts (also against earlier updates) are dropped.
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 
 from crosslm.config import GenerationConfig
-from crosslm.modeling.llm_text import user_prompt_ids
+from crosslm.modeling.llm_text import answer_ids, continuation_logprobs, pair_batch, user_prompt_ids
 from crosslm.precision import dtype_name, model_device, resolve_dtype
 from crosslm.progress import progress
 from crosslm.seeding import own_rng
@@ -80,6 +85,18 @@ def with_examples(prompt: str, examples: list[str]) -> str:
     return f"{prompt}\n\nExamples:\n{shown}\n\nWrite a new one, different from the examples."
 
 
+def with_attribute(prompt: str, attribute: str) -> str:
+    return f"{prompt} {attribute.strip()}" if attribute else prompt
+
+
+def drawn_attributes(attributes: list[str], n: int, seed: int) -> list[str]:
+    """One attribute per sample, uniformly drawn from `seed` alone (the sampling stream is untouched)."""
+    if not attributes:
+        return [""] * n
+    picks = torch.randint(len(attributes), (n,), generator=torch.Generator().manual_seed(seed))
+    return [attributes[i] for i in picks.tolist()]
+
+
 def rotated_examples(candidates: list[str], row: int, k: int) -> list[str]:
     """The k examples of a label's `row`-th sample: consecutive candidates, shifted by k per sample, so
     successive samples see different examples and every candidate is used."""
@@ -111,11 +128,17 @@ def generate_samples(
         snapshot = snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
         jobs = [(y, r) for y in range(task.num_labels) for r in range(cfg.samples_per_label)]
         k, cands = cfg.examples_per_prompt, examples or {}
-        plain = {y: user_prompt_ids(tokenizer, task.prompt_for(y)) for y in range(task.num_labels)}
+        attrs = dict(zip(jobs, drawn_attributes(cfg.attributes, len(jobs), seed), strict=True))
+        plain: dict[tuple[int, str], list[int]] = {}
 
         def prompt_ids(y: int, r: int) -> list[int]:
+            prompt = with_attribute(task.prompt_for(y), attrs[y, r])
             shown = rotated_examples(cands.get(y, []), r, k)
-            return user_prompt_ids(tokenizer, with_examples(task.prompt_for(y), shown)) if shown else plain[y]
+            if shown:
+                return user_prompt_ids(tokenizer, with_examples(prompt, shown))
+            if (y, attrs[y, r]) not in plain:
+                plain[y, attrs[y, r]] = user_prompt_ids(tokenizer, prompt)
+            return plain[y, attrs[y, r]]
 
         eos = tokenizer.eos_token_id
         kept: list[GeneratedSample] = []
@@ -146,3 +169,27 @@ def generate_samples(
                 bar.update(len(labels))
     stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, dtype_name(dtype))
     return kept, stats
+
+
+@torch.no_grad()
+def generator_scores(
+    model: Any, tokenizer: Any, task: TaskSpec, texts: list[str], *, batch_size: int = 16
+) -> torch.Tensor:
+    """[N, C] log p(x | P(c)): each text's summed token log-probability (its closing end-of-turn token
+    included) as the answer to each label's plain generation prompt. A softmax over c is the generator's
+    posterior under a uniform label prior."""
+    device = model_device(model)
+    prompts = [user_prompt_ids(tokenizer, task.prompt_for(c)) for c in range(task.num_labels)]
+    answers = [answer_ids(tokenizer, t) for t in texts]
+    jobs = [
+        (i, c) for i in sorted(range(len(texts)), key=lambda i: len(answers[i])) for c in range(len(prompts))
+    ]
+    out = torch.empty(len(texts), len(prompts))
+    for s in progress(range(0, len(jobs), batch_size), desc="generator label scores", leave=False):
+        batch = jobs[s : s + batch_size]
+        pb = pair_batch([prompts[c] for _, c in batch], [answers[i] for i, _ in batch], tokenizer.pad_token_id,
+                        device)  # fmt: skip
+        logp = (continuation_logprobs(model, pb) * pb.target_mask).sum(-1).cpu()
+        for (i, c), v in zip(batch, logp.tolist(), strict=True):
+            out[i, c] = v
+    return out

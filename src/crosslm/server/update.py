@@ -1,6 +1,6 @@
 """One CrossLM server update, the algorithm in one place (docs/algorithm.md states its formulation):
 
-    generate -> score (the SLMs; the LLM as a second labeller) -> tune the LLM -> distil the SLMs -> log
+    generate -> score (the SLMs; the LLM and the generator as further labellers) -> tune the LLM -> distil the SLMs -> log
 
 The server (server.py) keeps the registry of client SLMs, the synthetic pool and the LLM; `crosslm_update`
 is its update for the CrossLM methods, as `baselines.py` holds the baselines' updates.
@@ -32,7 +32,7 @@ from crosslm.server.feedback import (
     select_good,
     staleness_weights,
 )
-from crosslm.server.generate import GenerationStats, generate_samples
+from crosslm.server.generate import GenerationStats, generate_samples, generator_scores
 from crosslm.server.losses import kd_targets
 from crosslm.server.tune_llm import tune_adapter
 from crosslm.server.verbalizer import label_scores
@@ -50,6 +50,7 @@ class SyntheticExample:
     llm_version: int  # adapter version that wrote it (= updates completed before)
     slm_probs: list[float] | None = None  # the SLM ensemble's posterior at its last scoring
     llm_probs: list[float] | None = None  # the LLM's calibrated posterior, scored once before tuning on it
+    gen_probs: list[float] | None = None  # the generator's calibrated posterior p(y|x) ~ p(x|P(y)), likewise
 
 
 @dataclass
@@ -224,28 +225,42 @@ def keep_last_scores(server: CrossLMServer, fb: Feedback, labels: list[int]) -> 
 
 
 def label_with_llm(server: CrossLMServer, new: range) -> None:
-    """Step 3b: the LLM as a second labeller (distill.labeller llm or both). Each new text gets the LLM's
-    verbalizer posterior once, now, before the LLM is tuned on it, calibrated over this update's
-    label-balanced new texts (the LLM's label-word bias removed as the SLMs' label prior is)."""
+    """Step 3b: the LLM as a further labeller (distill.labeller names llm and/or generator). Each new text
+    gets the LLM's verbalizer posterior and/or the generator's posterior p(y|x) ~ p(x|P(y)) once, now,
+    before the LLM is tuned on it, each calibrated over this update's label-balanced new texts (a label
+    bias removed as the SLMs' label prior is)."""
     cfg = server.cfg
-    if not cfg.feedback.enabled or cfg.distill.labeller == "slms" or not len(new):
+    parts = cfg.distill.labellers
+    if not cfg.feedback.enabled or not len(new) or parts == ("slms",):
         return
-    scores = label_scores(server.eval_model(), server.tokenizer, server.task, [server.pool[i].text for i in new],
-                          max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size,
-                          progress=True)  # fmt: skip
-    posterior = pool_calibrate(torch.softmax(scores.float().cpu(), dim=-1))
-    for i, row in zip(new, posterior.tolist(), strict=True):
-        server.pool[i].llm_probs = row
+    texts = [server.pool[i].text for i in new]
+    if "llm" in parts:
+        scores = label_scores(server.eval_model(), server.tokenizer, server.task, texts,
+                              max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size,
+                              progress=True)  # fmt: skip
+        for i, row in zip(new, calibrated_rows(scores), strict=True):
+            server.pool[i].llm_probs = row
+    if "generator" in parts:
+        scores = generator_scores(server.eval_model(), server.tokenizer, server.task, texts,
+                                  batch_size=cfg.eval.batch_size)  # fmt: skip
+        for i, row in zip(new, calibrated_rows(scores), strict=True):
+            server.pool[i].gen_probs = row
+
+
+def calibrated_rows(scores: torch.Tensor) -> list[list[float]]:
+    return pool_calibrate(torch.softmax(scores.float().cpu(), dim=-1)).tolist()
 
 
 def labeller_posterior(server: CrossLMServer, sel: Selection) -> torch.Tensor:
-    """[N, C] the posterior distill.labeller names: the SLM ensemble's, the LLM's or their product."""
-    labeller, ens = server.cfg.distill.labeller, sel.feedback.ensemble_probs
-    if labeller == "slms":
-        return ens
+    """[N, C] the posterior distill.labeller names: one labeller's, or the normalised product of several."""
     uniform = [1.0 / server.task.num_labels] * server.task.num_labels
-    llm = torch.tensor([e.llm_probs or uniform for e in server.pool])
-    return llm if labeller == "llm" else combine(ens, llm)
+    posteriors = {
+        "slms": lambda: sel.feedback.ensemble_probs,
+        "llm": lambda: torch.tensor([e.llm_probs or uniform for e in server.pool]),
+        "generator": lambda: torch.tensor([e.gen_probs or uniform for e in server.pool]),
+    }
+    chosen = [posteriors[p]() for p in server.cfg.distill.labellers]
+    return chosen[0] if len(chosen) == 1 else combine(*chosen)
 
 
 def distillation_set(server: CrossLMServer, sel: Selection) -> DistillSet:
@@ -401,9 +416,13 @@ def distilled_fields(server: CrossLMServer, dset: DistillSet) -> dict[str, Any]:
         "distilled_size": len(dset.indices),
         "distilled_per_label": per_label.tolist() if per_label is not None else [0] * server.task.num_labels,
     }
-    hits = [argmax(e.llm_probs) == e.label for e in server.pool if e.llm_probs is not None]
-    if hits:  # how often the LLM labeller confirms the intended label, over the pool
-        fields["llm_agreement"] = sum(hits) / len(hits)
+    for key, probs in (
+        ("llm_agreement", lambda e: e.llm_probs),
+        ("generator_agreement", lambda e: e.gen_probs),
+    ):
+        hits = [argmax(p) == e.label for e in server.pool if (p := probs(e)) is not None]
+        if hits:  # how often that labeller confirms the intended label, over the pool
+            fields[key] = sum(hits) / len(hits)
     return fields
 
 
@@ -429,6 +448,7 @@ def log_samples(server: CrossLMServer, new: range, fb: Feedback, u: int) -> None
                 "q": float(fb.q[i]),
                 "slm_probs": {cid: float(p[i, e.label]) for cid, p in fb.per_client.items()},
                 **({"llm_q": e.llm_probs[e.label]} if e.llm_probs is not None else {}),
+                **({"generator_q": e.gen_probs[e.label]} if e.gen_probs is not None else {}),
                 "update": u,
                 "llm_version": e.llm_version,
                 "slm_versions": versions,
