@@ -80,6 +80,29 @@ class DataConfig:
     )
     global_test_size: int = option(500, "Size of the global test split, kept apart from every client.")
     max_chars: int = option(600, "Texts are cut to this many characters (long news articles).")
+    input_column: str = option(
+        "input", "Generation datasets: the input column (e.g. an article's lead), for HF ids and local files."
+    )
+    target_column: str = option(
+        "",
+        "Generation datasets: the target column (e.g. the headline), for HF ids and local files. Setting it "
+        "makes a dataset outside the catalogue a generation task (input -> target); empty = classification.",
+    )
+    condition_column: str = option(
+        "",
+        "Generation datasets: optional condition column (e.g. the topic); the clients' Dirichlet skew is over "
+        "its values and the LLM is prompted per value. Empty = every example has the one condition 'all'.",
+    )
+    max_input_chars: int = option(
+        300,
+        "Generation inputs are cut to this many characters at a word boundary (bbc-headlines: the lead, the "
+        "first two paragraphs, ~70 SmolLM2 tokens at 300); 0 = no cut.",
+    )
+    max_target_chars: int = option(
+        150,
+        "Generation targets longer than this many characters are refused with a DataError naming the rows "
+        "(bbc-headlines' longest headline has 52); raise it for long targets such as summaries.",
+    )
 
 
 @dataclass
@@ -584,6 +607,8 @@ def validate(cfg: RunConfig) -> None:
     need(d.train_per_client >= 2, "data.train_per_client", "at least 2")
     need(d.test_per_client >= 1, "data.test_per_client", "at least 1")
     need(d.global_test_size >= 2, "data.global_test_size", "at least 2")
+    need(d.max_input_chars >= 0, "data.max_input_chars", "0 (no cut) or more")
+    need(d.max_target_chars >= 1, "data.max_target_chars", "at least 1")
     need(len(c.slms) >= 1, "clients.slms", "a non-empty list of SLM names")
     need(len(c.speeds) >= 1 and all(float(s) > 0 for s in c.speeds), "clients.speeds", "positive numbers")
     need(all(float(s) >= 0 for s in c.network_delays), "clients.network_delays", "non-negative numbers")

@@ -2,32 +2,52 @@
 
 Each client's test split has the same label mix as its training split, so per-client accuracy measures the
 client on its own distribution, while the global test split measures it on the overall one.
+
+The split reads only each example's integer label, so one implementation serves both task kinds: it takes
+any `Partitionable` (classification's `LabelledTexts`, or generation's `GenerationPairs`, whose labels are
+the conditions) and returns parts of the same type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
 from crosslm.errors import DataError
-from crosslm.task import LabelledTexts
+
+D = TypeVar("D", bound="Partitionable")
+
+
+class Partitionable(Protocol):
+    """Examples with one integer label (or condition) each, that can be cut to a subset by index."""
+
+    @property
+    def labels(self) -> list[int]: ...
+
+    def __len__(self) -> int: ...
+
+    def subset(self: D, idx: list[int]) -> D: ...
+
+    def label_counts(self, num_labels: int) -> list[int]: ...
 
 
 @dataclass
-class FederatedSplit:
-    train: list[LabelledTexts]
+class FederatedSplit(Generic[D]):
+    train: list[D]
     """Per client."""
-    test: list[LabelledTexts]
+    test: list[D]
     """Per client, same label mix as its train split."""
-    global_test: LabelledTexts
+    global_test: D
+    validation: D
+    """Stratified, disjoint from everything else; for tuning settings without looking at the test split
+    (empty unless asked for)."""
     train_idx: list[list[int]] = field(default_factory=list)
     """Indices into the partitioned data, so a run can record exactly which examples each client holds."""
     test_idx: list[list[int]] = field(default_factory=list)
     global_test_idx: list[int] = field(default_factory=list)
-    validation: LabelledTexts = field(default_factory=LabelledTexts)
-    """Stratified, disjoint from everything above; for tuning settings without looking at the test split."""
     validation_idx: list[int] = field(default_factory=list)
 
 
@@ -59,7 +79,7 @@ def _capped_counts(rng: np.random.Generator, p: np.ndarray, n: int, available: n
 
 
 def federated_split(
-    data: LabelledTexts,
+    data: D,
     num_labels: int,
     num_clients: int,
     alpha: float,
@@ -69,7 +89,7 @@ def federated_split(
     seed: int,
     label_names: Sequence[str] | None = None,
     validation_size: int = 0,
-) -> FederatedSplit:
+) -> FederatedSplit[D]:
     """Split data into a stratified global test set and num_clients Dirichlet(alpha)-skewed client splits,
     then (from what is left) a stratified validation set.
 
@@ -156,14 +176,12 @@ def federated_split(
     )
 
 
-def label_histogram(parts: Sequence[LabelledTexts], num_labels: int) -> list[list[int]]:
+def label_histogram(parts: Sequence[Partitionable], num_labels: int) -> list[list[int]]:
     """Label counts per part (rows = parts), for logs and the label-skew plot."""
     return [part.label_counts(num_labels) for part in parts]
 
 
-def stratified_holdout(
-    data: LabelledTexts, num_labels: int, fraction: float, seed: int
-) -> tuple[LabelledTexts, LabelledTexts]:
+def stratified_holdout(data: D, num_labels: int, fraction: float, seed: int) -> tuple[D, D]:
     """(kept, held out): round(fraction * n_c) texts of each label c held out, drawn with `seed`, so the
     held-out part has the label mix of the whole (a label with a handful of texts may give none)."""
     rng = np.random.default_rng(seed)

