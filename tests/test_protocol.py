@@ -415,3 +415,55 @@ def test_slm_names_are_catalogue_names_or_hub_ids() -> None:
     assert protocol.is_slm_name("minilm-l6") and protocol.is_slm_name("Qwen/Qwen2.5-0.5B-Instruct")
     for bad in ["/etc/passwd", "../x", "a/b/c", "~/models", "org/..", ""]:
         assert not protocol.is_slm_name(bad), bad
+
+
+# ------------------------------------------------------------------------------------ generation (causal LMs)
+TOPICS = ["business", "sport", "tech"]
+
+
+def tiny_causal(arch: str = "llama") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    configs = {
+        "llama": TINY_CONFIGS["llama"],
+        "gpt2": GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2),
+    }
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(copy.deepcopy(configs[arch])).eval()
+
+
+def causal_upload(model: torch.nn.Module, **overrides) -> SLMUpload:
+    fields = dict(
+        labels=list(TOPICS), label_counts=[2, 5, 3], metrics={"rouge_l": 0.31, "target_perplexity": 40.0}
+    )
+    return upload(model, **{**fields, **overrides})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_causal_slm_round_trips_for_a_generation_task(arch: str) -> None:
+    model = tiny_causal(arch)
+    msg = causal_upload(model)
+    got = roundtrip(encode(msg, dtype="float32"), labels=TOPICS, kind="generation")
+    assert isinstance(got, SLMUpload) and got.metrics == msg.metrics and got.labels == TOPICS
+    hosted = build_model(got.model_type, got.model_config, len(TOPICS), kind="generation")
+    hosted.load_state_dict(got.state_dict, strict=True)
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(hosted.eval()(ids).logits, model(ids).logits)  # the very model the client trained
+
+
+def test_the_receivers_task_kind_decides_which_model_the_weights_must_fit() -> None:
+    causal, classifier = tiny_causal("llama"), tiny_model("llama")
+    # a classifier's weights (score head) sent to a generation task: the causal LM has an lm_head instead
+    rejects(encode(causal_upload(classifier)), "unexpected tensor 'score.weight'|lacks tensor 'lm_head",
+            labels=TOPICS, kind="generation")  # fmt: skip
+    # a causal LM's weights sent to a classification task
+    rejects(encode(upload(causal)), "unexpected tensor 'lm_head|lacks tensor 'score", kind="classification")
+    # an encoder is no causal LM, and a generation task declares generation metrics only
+    rejects(encode(causal_upload(tiny_model("bert"))), "not allowed for a generation task", labels=TOPICS,
+            kind="generation")  # fmt: skip
+    wrong_metrics = causal_upload(causal, metrics={"accuracy": 0.9})
+    rejects(
+        encode(wrong_metrics), "undeclared key 'accuracy'.*generation task", labels=TOPICS, kind="generation"
+    )
+    rejects(encode(causal_upload(causal)), "differ from the expected labels", labels=["business", "sport"],
+            kind="generation")  # fmt: skip

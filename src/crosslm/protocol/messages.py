@@ -18,12 +18,19 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from crosslm.errors import ConfigError, ProtocolError
 
 PROTOCOL_VERSION = 1
-# Architectures the server is willing to host; all are built as sequence classifiers from their config.
+# Architectures the server is willing to host. A classification task's SLMs are built as sequence
+# classifiers from their config, a generation task's as causal LMs (decoder architectures only).
 ALLOWED_MODEL_TYPES = frozenset(
     {
         "bert",
@@ -38,6 +45,8 @@ ALLOWED_MODEL_TYPES = frozenset(
         "gpt2",
     }
 )
+CAUSAL_MODEL_TYPES = frozenset({"llama", "qwen2", "gpt2"})
+TASK_KINDS = ("classification", "generation")
 # Size guards so a hostile config cannot make the receiver build a huge model (even on the meta device).
 MAX_LAYERS = 256
 MAX_HIDDEN_X_LAYERS = 2**20
@@ -54,8 +63,11 @@ CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # An SLM name: a catalogue name or a Hugging Face id ("org/name"); a local path is accepted only when the
 # server's own config names it (see `CrossLMServer.receive`).
 SLM_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-# Metric keys an upload may declare (aggregates of the client's own test split, nothing else).
-UPLOAD_METRIC_KEYS = frozenset({"accuracy", "macro_f1"})
+# Metric keys an upload may declare (aggregates of the client's own test split, nothing else), per task kind.
+UPLOAD_METRIC_KEYS = {
+    "classification": frozenset({"accuracy", "macro_f1"}),
+    "generation": frozenset({"rouge_l", "target_perplexity"}),
+}
 
 # Config keys that describe provenance, not architecture: dropped when sending and ignored when received
 # ("dtype" in particular would otherwise make `from_config` build a half-precision model).
@@ -161,12 +173,17 @@ def model_config_dict(model: PreTrainedModel) -> dict:
     return json.loads(json.dumps(out))
 
 
-def _build_config(model_type: str, model_config: dict, num_labels: int) -> PretrainedConfig:
+def _build_config(
+    model_type: str, model_config: dict, num_labels: int, kind: str = "classification"
+) -> PretrainedConfig:
     """Validate a received (model_type, config) pair and build its config; the single entry for both
-    `build_model` and `decode`, so the server hosts exactly the architecture it validated."""
-    if model_type not in ALLOWED_MODEL_TYPES:
+    `build_model` and `decode`, so the server hosts exactly the architecture it validated. A classifier's
+    head must have one output per label; a causal LM's labels are a generation task's conditions, which
+    its architecture does not see."""
+    allowed = ALLOWED_MODEL_TYPES if kind == "classification" else CAUSAL_MODEL_TYPES
+    if model_type not in allowed:
         raise ProtocolError(
-            f"model_type {model_type!r} is not allowed (allowed: {sorted(ALLOWED_MODEL_TYPES)})"
+            f"model_type {model_type!r} is not allowed for a {kind} task (allowed: {sorted(allowed)})"
         )
     cfg = {k: v for k, v in model_config.items() if k not in _METADATA_CONFIG_KEYS}
     if cfg.pop("model_type", model_type) != model_type:
@@ -178,7 +195,7 @@ def _build_config(model_type: str, model_config: dict, num_labels: int) -> Pretr
         config = AutoConfig.for_model(model_type, **cfg)
     except Exception as e:  # transformers raises many types (ValueError, TypeError, strict-dataclass errors)
         raise ProtocolError(f"model_config does not build a {model_type} config: {_one_line(e)}") from None
-    if config.num_labels != num_labels:
+    if kind == "classification" and config.num_labels != num_labels:
         raise ProtocolError(
             f"model_config has num_labels={config.num_labels}, but there are {num_labels} labels"
         )
@@ -193,11 +210,13 @@ def _build_config(model_type: str, model_config: dict, num_labels: int) -> Pretr
     return config
 
 
-def _instantiate(config: PretrainedConfig, *, meta: bool) -> PreTrainedModel:
-    """Build the classifier; on the meta device nothing is allocated, which makes size checks free."""
+def _instantiate(config: PretrainedConfig, *, meta: bool, kind: str = "classification") -> PreTrainedModel:
+    """Build the classifier (or causal LM); on the meta device nothing is allocated, which makes size
+    checks free."""
+    auto = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
     try:
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+            model = auto.from_config(config, dtype=torch.float32)
     except Exception as e:
         raise ProtocolError(f"model_config does not build a model: {_one_line(e)}") from None
     n_params = sum(p.numel() for p in model.parameters())
@@ -206,11 +225,14 @@ def _instantiate(config: PretrainedConfig, *, meta: bool) -> PreTrainedModel:
     return model
 
 
-def build_model(model_type: str, model_config: dict, num_labels: int) -> PreTrainedModel:
-    """A randomly initialised fp32 classifier for a client's architecture, so the server can host its SLM."""
-    config = _build_config(model_type, model_config, num_labels)
-    _instantiate(config, meta=True)  # refuse oversized models before allocating anything
-    return _instantiate(config, meta=False)
+def build_model(
+    model_type: str, model_config: dict, num_labels: int, kind: str = "classification"
+) -> PreTrainedModel:
+    """A randomly initialised fp32 classifier (causal LM for a generation task) for a client's
+    architecture, so the server can host its SLM."""
+    config = _build_config(model_type, model_config, num_labels, kind)
+    _instantiate(config, meta=True, kind=kind)  # refuse oversized models before allocating anything
+    return _instantiate(config, meta=False, kind=kind)
 
 
 # ----------------------------------------------------------------------------------------------- encode
@@ -254,9 +276,18 @@ def _wire_tensors(state_dict: dict[str, torch.Tensor], dtype: str) -> dict[str, 
 
 # ----------------------------------------------------------------------------------------------- decode
 def decode(
-    wire: WireMessage, *, expected_labels: list[str], max_bytes: int, expected_type: str | None = None
+    wire: WireMessage,
+    *,
+    expected_labels: list[str],
+    max_bytes: int,
+    expected_type: str | None = None,
+    kind: str = "classification",
 ) -> SLMUpload | SLMEnhanced:
-    """Validate every part of a received message and return it with fp32 tensors, or raise ProtocolError."""
+    """Validate every part of a received message and return it with fp32 tensors, or raise ProtocolError.
+    `kind` is the receiver's task kind: it decides which model the weights must fit (a classifier or a
+    causal LM) and which metrics an upload may declare; the sender cannot choose it."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {TASK_KINDS}")
     if not isinstance(wire.header, str) or not isinstance(wire.payload, bytes | bytearray):
         raise ProtocolError("wire message must hold a str header and a bytes payload")
     if len(wire) > max_bytes:
@@ -272,10 +303,10 @@ def decode(
         raise ProtocolError(f"protocol_version is {version!r}, this receiver speaks {PROTOCOL_VERSION}")
     cls = _MESSAGE_TYPES[msg_type]
     fields = _check_fields(cls, head)
-    _check_semantics(fields, expected_labels)
+    _check_semantics(fields, expected_labels, kind)
 
-    config = _build_config(fields["model_type"], fields["model_config"], len(fields["labels"]))
-    skeleton = _instantiate(config, meta=True)
+    config = _build_config(fields["model_type"], fields["model_config"], len(fields["labels"]), kind)
+    skeleton = _instantiate(config, meta=True, kind=kind)
     try:
         received = safetensors.torch.load(bytes(wire.payload))
     except Exception as e:  # SafetensorError and friends: pickle or garbage bytes land here, never unpickled
@@ -356,7 +387,7 @@ def is_slm_name(value: str) -> bool:
     return bool(SLM_NAME_PATTERN.fullmatch(value)) and ".." not in value
 
 
-def _check_semantics(fields: dict[str, Any], expected_labels: list[str]) -> None:
+def _check_semantics(fields: dict[str, Any], expected_labels: list[str], kind: str) -> None:
     """Cross-field rules the types alone cannot express."""
     for name in ("client_id", "slm", "model_type"):
         if not fields[name]:
@@ -365,11 +396,12 @@ def _check_semantics(fields: dict[str, Any], expected_labels: list[str]) -> None
     if len(fields["slm"]) > 1024:
         raise ProtocolError(f"header field 'slm' is {len(fields['slm'])} characters, over the 1024 limit")
     if "metrics" in fields:
-        bad = sorted(set(fields["metrics"]) - UPLOAD_METRIC_KEYS)
+        declared = UPLOAD_METRIC_KEYS[kind]
+        bad = sorted(set(fields["metrics"]) - declared)
         if bad:
             raise ProtocolError(
-                f"header field 'metrics' has undeclared key {bad[0][:40]!r} "
-                f"(declared: {sorted(UPLOAD_METRIC_KEYS)})"
+                f"header field 'metrics' has undeclared key {bad[0][:40]!r} (declared for a {kind} task: "
+                f"{sorted(declared)})"
             )
     if fields["labels"] != list(expected_labels):
         raise ProtocolError(
