@@ -312,8 +312,14 @@ class DistillConfig:
     epochs: int = option(10, "Distillation epochs over S+ per enhancement.")
     lr: float = option(2e-4, "Distillation learning rate.")
     batch_size: int = option(16, "Distillation batch size.")
-    mu: float = option(0.5, "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T).")
-    temperature: float = option(2.0, "T: temperature of the ensemble's soft labels.")
+    mu: float = option(
+        0.5,
+        "Target = (1-mu) onehot(y) + mu softmax(ensemble logits / T). Generation tasks: the loss is (1-mu) "
+        "NLL of the S+ target + mu T^2 KL(LLM || SLM) over the vocabulary at each target token.",
+    )
+    temperature: float = option(
+        2.0, "T: temperature of the ensemble's soft labels (generation: of the LLM's and the SLM's tokens)."
+    )
     autocast: str = option("auto", "Distillation compute dtype: float32, bfloat16 (mixed precision) or auto.")
     source: str = option(
         "splus",
@@ -342,6 +348,36 @@ class DistillConfig:
     def labellers(self) -> tuple[str, ...]:
         """The parts of `labeller`, e.g. ('slms', 'llm')."""
         return tuple(self.labeller.split("+"))
+
+
+@dataclass
+class GenerationTaskConfig:
+    """Settings only a generation task reads (crosslm.server.generation_update). A generation update also
+    reads generation.* (samples_per_label = pairs per condition, min_words = the least words of a pair's
+    input), feedback.gamma / max_per_label, tune.*, and distill.* (distill.mu and distill.temperature are the
+    weight and temperature of the token-level distillation)."""
+
+    tau: float = option(
+        0.5,
+        "Quality threshold on q for S+ (and the hard L_QG): q is a weighted mean of the clients' percentile "
+        "ranks of a pair's target log-likelihood, so 0.5 keeps the pairs the ensemble ranks above its median.",
+    )
+    rank_within_condition: bool = option(
+        True,
+        "Rank each client's scores among the pairs of the same condition (True) or over the whole pool: "
+        "within a condition, a client that holds mostly one topic does not rank that topic's pairs first.",
+    )
+    max_target_tokens: int = option(
+        32,
+        "Tokens a target may take (its end-of-sequence token included): the causal SLMs' tuning and scoring "
+        "budget, and the budget of the targets the LLM and the SLMs write greedily for evaluation.",
+    )
+    kd_top_k: int = option(
+        64,
+        "Token-level distillation keeps the LLM's k most likely next tokens at each target position, the "
+        "rest of its probability as one bucket (a KL over k + 1 outcomes), so the teacher's targets are "
+        "computed once per update and stay small.",
+    )
 
 
 @dataclass
@@ -420,6 +456,7 @@ class RunConfig:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    generation_task: GenerationTaskConfig = field(default_factory=GenerationTaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -654,6 +691,10 @@ def validate(cfg: RunConfig) -> None:
         f"one of {', '.join(LABELLERS)}, or several joined by '+' (e.g. slms+llm)",
     )
     need(ds.steps >= 0, "distill.steps", "0 or more (0 = distill.epochs passes)")
+    gt = cfg.generation_task
+    need(0 <= gt.tau <= 1, "generation_task.tau", "a number in [0, 1] (q is a weighted percentile rank)")
+    need(gt.max_target_tokens >= 1, "generation_task.max_target_tokens", "at least 1")
+    need(gt.kd_top_k >= 1, "generation_task.kd_top_k", "at least 1 (the teacher's most likely tokens kept)")
     need(0 <= c.keep_weight < 1, "clients.keep_weight", "a weight in [0, 1)")
     need(fed.updates >= 1, "federation.updates", "at least 1")
     need(

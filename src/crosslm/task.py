@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 TASK_KINDS = ("classification", "generation")
 
 
+def marker(noun: str) -> str:
+    """'headline' -> 'Headline': a noun as the word before a colon that marks a part of a text."""
+    noun = noun.strip() or "target"
+    return noun[:1].upper() + noun[1:]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -31,10 +37,14 @@ class TaskSpec:
     verbalizer: tuple[str, ...]
     """The label strings the LLM answers with when it classifies (capitalised, against label-word bias)."""
     generation_prompt: str
-    """P(y): user message with {description}, e.g. 'Write a short {description} movie review.'"""
+    """P(y): user message with {description}, e.g. 'Write a short {description} movie review.' For a
+    generation task it asks for one (input, target) pair, and `prompt_for` appends the format the answer is
+    parsed by (`pair_format`)."""
     classification_prompt: str
     """User message with {text} and {options}, answered by one of the verbalizer strings."""
     text_noun: str = "text"
+    """What one text is called. Generation: what an input is called, e.g. 'story'; capitalised, it marks
+    the input in the format the LLM writes pairs in ('Story: ...')."""
     kind: str = "classification"
     description: str = ""
     """What the texts are, in the task owner's words (`data.task_description`), e.g. 'movie reviews'."""
@@ -68,7 +78,34 @@ class TaskSpec:
         return self.labels
 
     def prompt_for(self, label: int) -> str:
-        return self.generation_prompt.format(description=self.descriptions[label])
+        """P(y) for label (or condition) `label`; a generation task's ends with its pair format."""
+        prompt = self.generation_prompt.format(description=self.descriptions[label])
+        return f"{prompt}\n{self.pair_format()}" if self.kind == "generation" else prompt
+
+    @property
+    def input_marker(self) -> str:
+        """Generation: the word before the input in a pair the LLM writes, e.g. 'Story'."""
+        return marker(self.text_noun)
+
+    @property
+    def target_marker(self) -> str:
+        """Generation: the word before the target, e.g. 'Headline' (also the causal SLMs' prompt marker)."""
+        return marker(self.target_noun)
+
+    def pair_format(self) -> str:
+        """The answer format a generation prompt asks for: two marked lines, so an answer parses however the
+        task's own wording reads (a user's data.generation_prompt included)."""
+        return f"Use this format:\n{self.input_marker}: ...\n{self.target_marker}: ..."
+
+    def pair_text(self, text: str, target: str) -> str:
+        """A parsed pair written back in the pair format: the LLM's answer as the SLMs scored it, which is
+        what L_QG makes more or less likely under P(c) (crosslm.server.generation_update)."""
+        return f"{self.input_marker}: {text}\n{self.target_marker}: {target}"
+
+    def target_prompt(self, text: str) -> str:
+        """The user message that asks the LLM for the target of `text` (its L_task prompt, and the prompt
+        the LLM's own targets are written and evaluated with), e.g. 'Write the headline for this story:'."""
+        return f"Write the {self.target_noun.strip()} for this {self.text_noun.strip()}:\n{text}"
 
     def classify_prompt(self, text: str) -> str:
         if self.kind != "classification":
@@ -85,7 +122,7 @@ class TaskSpec:
             "classification_prompt": self.classification_prompt,
         }
         if self.kind != "classification":  # a classification task's record stays as before
-            wording |= {"kind": self.kind, "target_noun": self.target_noun}
+            wording |= {"kind": self.kind, "target_noun": self.target_noun, "text_noun": self.text_noun}
         return wording
 
 

@@ -44,10 +44,9 @@ _GENERIC_GENERATION = (
 )
 _GENERIC_CLASSIFICATION = "Text ({task}): {{text}}\nWhich label fits this text best? Options: {{options}}. Answer with the label only."
 # A generation dataset outside the catalogue: {task} from data.task_description, {input}/{target} from the
-# column names. The wording is a first one: the generation loop that parses the LLM's output is not built yet.
+# column names. TaskSpec.prompt_for appends the two-line format the answer is parsed by ('Input: ...').
 _GENERIC_PAIR_GENERATION = (
-    "Write one new example of {task} ({{description}}): first the {input}, then on a new line its {target}, "
-    "starting with '{marker}:'."
+    "Write one new example of {task} ({{description}}): first the {input}, then its {target}."
 )
 SINGLE_CONDITION = "all"
 """The one condition of a generation dataset without `data.condition_column`."""
@@ -173,13 +172,13 @@ _BBC_HEADLINES = TaskSpec(
     labels=_BBC_NEWS.labels,
     descriptions=_BBC_NEWS.descriptions,
     verbalizer=_BBC_NEWS.verbalizer,
-    # A first wording; the generation loop that parses the LLM's output (after 'Headline:') is not built yet.
+    # prompt_for appends "Use this format:\nStory: ...\nHeadline: ...", which the server parses
+    # (crosslm.server.generation_update); the inputs are leads of two paragraphs cut to ~300 characters.
     generation_prompt=(
-        "Write the opening paragraph of a BBC news story about {description}. Then, on a new line, write its "
-        "headline, starting with 'Headline:'."
+        "Write the opening of a BBC news story about {description} (two or three sentences), then its headline."
     ),
     classification_prompt="",
-    text_noun="news story lead",
+    text_noun="story",
     kind="generation",
     description="the leads of BBC news stories and their headlines",
     target_noun="headline",
@@ -495,10 +494,7 @@ def _pairs_from_table(ds: Any, cfg: DataConfig, name: str, source: str) -> RawPa
         names, ids = [SINGLE_CONDITION], [0] * len(inputs)
     input_noun, target_noun = (c.replace("_", " ") for c in (cfg.input_column, cfg.target_column))
     prompt = _GENERIC_PAIR_GENERATION.format(
-        task=_braces(cfg.task_description),
-        input=_braces(input_noun),
-        target=_braces(target_noun),
-        marker=_braces(target_noun[:1].upper() + target_noun[1:]),
+        task=_braces(cfg.task_description), input=_braces(input_noun), target=_braces(target_noun)
     )
     task = TaskSpec(
         name=name,

@@ -14,7 +14,7 @@ scoring already uses: the head is 28 M of a 6-layer SmolLM2 truncation's 50 M pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,7 @@ from crosslm import precision
 from crosslm.modeling.llm_text import continuation_logprobs, pair_batch
 from crosslm.progress import progress
 from crosslm.seeding import own_rng
-
-
-def marker(target_noun: str) -> str:
-    """'headline' -> 'Headline': the word the prompt ends with, before the colon."""
-    noun = target_noun.strip() or "target"
-    return noun[:1].upper() + noun[1:]
+from crosslm.task import marker
 
 
 def prompt_text(text: str, target_noun: str) -> str:
@@ -115,6 +110,11 @@ def pair_loss(
     return (nll if weights is None else weights.to(nll.device) * nll).mean()
 
 
+Pairs = list[tuple[list[int], list[int]]]
+BatchLoss = Callable[[Any, Pairs, list[int]], torch.Tensor]
+"""(model, a batch of encoded (prompt, target) pairs, their indices among the pairs) -> the batch's loss."""
+
+
 def fit_pairs(
     model: Any,
     tokenizer: Any,
@@ -131,6 +131,7 @@ def fit_pairs(
     weight_decay: float = 0.0,
     autocast: str = "float32",
     desc: str = "train",
+    batch_loss: BatchLoss | None = None,
 ) -> Any:
     """Supervised tuning of `model` in place on input -> target (loss on the target tokens only); returns
     the model, in eval mode.
@@ -139,7 +140,9 @@ def fit_pairs(
     is reached). `sample_weights` [N] weight each pair's loss (`pair_loss`); pass weights with mean 1 to
     keep the step size of unweighted training. Shuffling and dropout draw only from `seed` (own_rng), so
     the result does not depend on what ran before in the process. `autocast` bfloat16 (or auto, where
-    bfloat16 runs faster here) runs the passes under torch autocast; weights and AdamW stay float32."""
+    bfloat16 runs faster here) runs the passes under torch autocast; weights and AdamW stay float32.
+    `batch_loss` replaces the weighted target NLL (`pair_loss`) by another loss of the same batches, e.g.
+    one that adds a teacher's token distributions (crosslm.server.generation_update)."""
     if len(inputs) != len(targets):
         raise ValueError(f"inputs and targets differ in length ({len(inputs)}, {len(targets)})")
     if len(inputs) == 0:
@@ -169,12 +172,15 @@ def fit_pairs(
                         break
                     idx = order[start : start + batch_size].tolist()
                     with amp:
-                        loss = pair_loss(
-                            model,
-                            tokenizer,
-                            [pairs[i] for i in idx],
-                            None if weights is None else weights[idx],
-                        )
+                        if batch_loss is not None:
+                            loss = batch_loss(model, [pairs[i] for i in idx], idx)
+                        else:
+                            loss = pair_loss(
+                                model,
+                                tokenizer,
+                                [pairs[i] for i in idx],
+                                None if weights is None else weights[idx],
+                            )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

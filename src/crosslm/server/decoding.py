@@ -157,6 +157,12 @@ class SnapshotCache:
         return self._snapshot
 
 
+def sampling_snapshot(model: Any, dtype: torch.dtype, snapshots: SnapshotCache | None = None) -> Any:
+    """The generation snapshot of `model` in `dtype`: the cached one when `snapshots` is given (reused while
+    the weights are unchanged), else a fresh one."""
+    return snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
+
+
 def weights_version(model: Any) -> tuple:
     """Changes whenever a parameter is written in place (an optimizer step, load_state_dict, a peft
     adapter load: each bumps the tensor's version counter), moved, or replaced."""

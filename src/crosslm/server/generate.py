@@ -27,7 +27,7 @@ from crosslm.modeling.llm_text import answer_ids, continuation_logprobs, pair_ba
 from crosslm.precision import dtype_name, model_device, resolve_dtype
 from crosslm.progress import progress
 from crosslm.seeding import own_rng
-from crosslm.server.decoding import SnapshotCache, generation_model, sample_tokens
+from crosslm.server.decoding import SnapshotCache, sample_tokens, sampling_snapshot
 from crosslm.task import TaskSpec
 
 _SENTENCE_END = re.compile(r"[.!?](?=[\"')\]]?\s|[\"')\]]?$)")
@@ -105,6 +105,29 @@ def rotated_examples(candidates: list[str], row: int, k: int) -> list[str]:
     return [candidates[(row * k + j) % len(candidates)] for j in range(min(k, len(candidates)))]
 
 
+def sample_answers(
+    snapshot: Any, tokenizer: Any, prompts: list[list[int]], cfg: GenerationConfig, *, desc: str
+) -> list[list[int]]:
+    """The sampled answer tokens (up to and including EOS) for each prompt, cfg.batch_size rows at a time,
+    with the configured temperature, top-p and token budget. Draws from torch's RNG: call it under
+    `own_rng`."""
+    rows: list[list[int]] = []
+    with progress(total=len(prompts), desc=desc, unit="text", leave=False) as bar:
+        for s in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[s : s + cfg.batch_size]
+            rows += sample_tokens(
+                snapshot,
+                batch,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+            )
+            bar.update(len(batch))
+    return rows
+
+
 @torch.no_grad()
 def generate_samples(
     model: Any,
@@ -124,8 +147,7 @@ def generate_samples(
     # Every draw (and anything the snapshot build draws) from `seed` alone; the global RNG is left as it was.
     with own_rng(seed, model_device(model)):
         t0 = time.perf_counter()
-        # the current adapter merged in
-        snapshot = snapshots.get(model, dtype) if snapshots is not None else generation_model(model, dtype)
+        snapshot = sampling_snapshot(model, dtype, snapshots)  # the current adapter merged in
         jobs = [(y, r) for y in range(task.num_labels) for r in range(cfg.samples_per_label)]
         k, cands = cfg.examples_per_prompt, examples or {}
         attrs = dict(zip(jobs, drawn_attributes(cfg.attributes, len(jobs), seed), strict=True))
@@ -141,32 +163,19 @@ def generate_samples(
             return plain[y, attrs[y, r]]
 
         eos = tokenizer.eos_token_id
+        rows = sample_answers(snapshot, tokenizer, [prompt_ids(y, r) for y, r in jobs], cfg, desc="generate")
         kept: list[GeneratedSample] = []
         tokens = 0
-        with progress(total=len(jobs), desc="generate", unit="text", leave=False) as bar:
-            for s in range(0, len(jobs), cfg.batch_size):
-                batch = jobs[s : s + cfg.batch_size]
-                labels = [y for y, _ in batch]
-                rows = sample_tokens(
-                    snapshot,
-                    [prompt_ids(y, r) for y, r in batch],
-                    max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    eos_id=eos,
-                    pad_id=tokenizer.pad_token_id,
-                )
-                for y, row in zip(labels, rows, strict=True):
-                    tokens += len(row)
-                    text = clean_sample(
-                        tokenizer.decode(row, skip_special_tokens=True), eos not in row, cfg.min_words
-                    )
-                    h = content_hash(text)
-                    if len(text.split()) < cfg.min_words or h in seen:
-                        continue
-                    seen.add(h)
-                    kept.append(GeneratedSample(text, y, h))
-                bar.update(len(labels))
+        for (y, _), row in zip(jobs, rows, strict=True):
+            tokens += len(row)
+            text = clean_sample(
+                tokenizer.decode(row, skip_special_tokens=True), eos not in row, cfg.min_words
+            )
+            h = content_hash(text)
+            if len(text.split()) < cfg.min_words or h in seen:
+                continue
+            seen.add(h)
+            kept.append(GeneratedSample(text, y, h))
     stats = GenerationStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, dtype_name(dtype))
     return kept, stats
 
