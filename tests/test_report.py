@@ -218,7 +218,7 @@ def test_the_report_opens_with_what_the_guards_did(tmp_path: Path) -> None:
     )
     updates[1].update(signal=True, rolled_back=True, llm_majority_share=[0.55, 0.97])
     enhanced = next(e for e in events if e["event"] == "enhanced")
-    enhanced.update(adopted=0, before={**enhanced["before"], "validation": {"accuracy": 0.8, "macro_f1": 0.78}},
+    enhanced.update(adopted=0, worse_share=0.974, before={**enhanced["before"], "validation": {"accuracy": 0.8, "macro_f1": 0.78}},
                     offered={"validation": {"accuracy": 0.5, "macro_f1": 0.33}, "local": {"accuracy": 0.7, "macro_f1": 0.6},
                              "global": {"accuracy": 0.6, "macro_f1": 0.5}})  # fmt: skip
     report = write_report(tmp_path, events, CONFIG).read_text(encoding="utf-8")
@@ -227,7 +227,9 @@ def test_the_report_opens_with_what_the_guards_did(tmp_path: Path) -> None:
     assert "**LLM updates undone: 2 (97.0 %)**" in head
     assert (
         "**1 of 3 enhanced SLMs refused**" in head
-        and "client-0 at update 1 (validation macro-F1 0.78 → offered 0.33; own test accuracy kept " in head
+        and "client-0 at update 1 (validation macro-F1 0.78 → offered 0.33, worse in 97.4 % of bootstrap draws; "
+        "own test accuracy kept "
+        in head
         and "%, offered 70.0 %; global accuracy kept 55.0 %, offered 60.0 %)" in head
     )
     assert "| **refused** |" in report  # and in the enhanced-SLM table

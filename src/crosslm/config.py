@@ -152,11 +152,11 @@ class ClientConfig:
         "refusal.",
     )
     accept_confidence: float = option(
-        0.0,
-        "0 = the acceptance rule compares the two macro-F1 values as measured. A confidence c in [0.5, 1) "
-        "refuses a reply only when, in at least a share c of bootstrap draws of the held-out texts, its "
-        "macro-F1 is below the own model's minus clients.accept_tolerance: a few held-out texts of a "
-        "label-skewed client then do not refuse a reply by chance.",
+        0.9,
+        "A reply is refused only when, in at least this share of bootstrap draws of the held-out texts, its "
+        "macro-F1 is below the own model's minus clients.accept_tolerance: sure to be worse, so the dozen "
+        "held-out texts of a label-skewed client do not refuse a reply by chance (c in [0.5, 1)). "
+        "0 = compare the two macro-F1 values as measured (the point rule).",
     )
     keep_weight: float = option(
         0.0,

@@ -285,6 +285,8 @@ def _refusal(e: dict[str, Any]) -> str:
         f"{_fmt(_get(e, 'before', 'validation', 'macro_f1'), 2)} → offered "
         f"{_fmt(_get(e, 'offered', 'validation', 'macro_f1'), 2)}"
     )
+    if e.get("worse_share") is not None:  # how sure the client was that the reply is worse
+        text += f", worse in {_pct(e['worse_share'])} % of bootstrap draws"
     if _get(e, "offered", "local", "accuracy") is not None:  # the client's own test split
         text += (
             f"; own test accuracy kept {_pct(_get(e, 'before', 'local', 'accuracy'))} %, offered "
