@@ -85,7 +85,7 @@ def test_kd_without_feedback_never_scores_and_distils_every_sample_on_its_label(
         return 0.0
 
     monkeypatch.setattr("crosslm.server.update.fit", fake_fit)
-    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
+    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name, kind="slm": None)
     srv.models["client-0"].tokenizer = None
     srv.step()
     assert seen["texts"] == [s.text for s in samples]  # no filtering
@@ -120,7 +120,7 @@ def test_missing_labels_rule_decides_what_the_server_distils(monkeypatch, rule, 
         return 0.0
 
     monkeypatch.setattr("crosslm.server.update.fit", fake_fit)
-    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
+    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name, kind="slm": None)
     srv.models["client-0"].tokenizer = None
     srv.step()
     update = next(e for e in srv.events if e.get("event") == "server_update")
@@ -182,7 +182,7 @@ def _scored_server(monkeypatch, probs: torch.Tensor, **sets):
     labels = torch.tensor([s.label for s in samples])
     fb = Feedback(q=probs[torch.arange(n), labels], ensemble_probs=probs, per_client={"client-0": probs})
     monkeypatch.setattr("crosslm.server.update.score", lambda *a, **k: fb)
-    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name: None)
+    monkeypatch.setattr("crosslm.server.server.load_slm_tokenizer", lambda name, kind="slm": None)
     monkeypatch.setattr("crosslm.server.update.fit", lambda *a, **k: 0.0)  # distillation: not under test
     srv.models["client-0"].tokenizer = None
     return srv, model

@@ -372,6 +372,12 @@ class GenerationTaskConfig:
         "Tokens a target may take (its end-of-sequence token included): the causal SLMs' tuning and scoring "
         "budget, and the budget of the targets the LLM and the SLMs write greedily for evaluation.",
     )
+    accept_tolerance: float = option(
+        0.05,
+        "The clients' acceptance rule on a generation task: a reply is refused when its mean ROUGE-L F1 on the "
+        "client's held-out pairs is below the own model's minus this (in a share clients.accept_confidence "
+        "of bootstrap draws); clients.accept_tolerance is classification's macro-F1 tolerance.",
+    )
     kd_top_k: int = option(
         64,
         "Token-level distillation keeps the LLM's k most likely next tokens at each target position, the "
@@ -694,6 +700,7 @@ def validate(cfg: RunConfig) -> None:
     gt = cfg.generation_task
     need(0 <= gt.tau <= 1, "generation_task.tau", "a number in [0, 1] (q is a weighted percentile rank)")
     need(gt.max_target_tokens >= 1, "generation_task.max_target_tokens", "at least 1")
+    need(0 <= gt.accept_tolerance <= 1, "generation_task.accept_tolerance", "a ROUGE-L difference in [0, 1]")
     need(gt.kd_top_k >= 1, "generation_task.kd_top_k", "at least 1 (the teacher's most likely tokens kept)")
     need(0 <= c.keep_weight < 1, "clients.keep_weight", "a weight in [0, 1)")
     need(fed.updates >= 1, "federation.updates", "at least 1")

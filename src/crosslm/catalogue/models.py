@@ -232,16 +232,20 @@ def slm_source(name: str) -> tuple[str, dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=16)
-def load_slm_tokenizer(name: str) -> Any:
+def load_slm_tokenizer(name: str, kind: str = "slm") -> Any:
+    """The tokenizer of an SLM of `kind` ('slm' or 'slm-causal', `SLM_KIND` of the task's kind), as its
+    loader gives it (a causal SLM's pads on the right)."""
     from transformers import AutoTokenizer
 
-    path, _ = slm_source(name)
+    path, _ = causal_slm_source(name) if kind == "slm-causal" else slm_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise _not_found(name, "slm", e) from None
+        raise _not_found(name, kind, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if kind == "slm-causal":
+        tok.padding_side = "right"
     return tok
 
 

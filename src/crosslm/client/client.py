@@ -1,5 +1,10 @@
 """A CrossLM client: trains its own SLM on private data, uploads weights, adopts enhanced weights.
 
+`ClientBase` is the part every task kind shares: the held-out validation part, the local round and its
+upload, the acceptance rule, saving and restoring. `Client` is a classification task's client (a sequence
+classifier on labelled texts); crosslm.client.generation_client holds a generation task's (a causal LM on
+input -> target pairs).
+
 Only the SLM's weights and declared metadata leave the client (see protocol.messages); texts, labels and
 per-example outputs never do. The global test split is an evaluation-only artefact of the simulation.
 """
@@ -8,9 +13,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,19 +30,35 @@ from crosslm.partition import stratified_holdout
 from crosslm.precision import resolve_device
 from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
 from crosslm.seeding import pass_seed
-from crosslm.task import LabelledTexts, TaskSpec
+from crosslm.task import GenerationPairs, LabelledTexts, TaskSpec
 
 STATE_FILE = "crosslm_client.json"
 KEEP_FILE = "keep_targets.safetensors"
 
 
+D = TypeVar("D", LabelledTexts, GenerationPairs)
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that share their tensor with another name (e.g. a tied LM head)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n for group in names.values() if len(group) > 1 for n in group}
+
+
 @dataclass
-class ClientData:
-    train: LabelledTexts
-    test: LabelledTexts
-    global_test: LabelledTexts
-    validation: LabelledTexts = field(default_factory=LabelledTexts)
-    """Held out of the client's training data: decides whether an enhanced SLM is adopted."""
+class ClientData(Generic[D]):
+    train: D
+    test: D
+    global_test: D
+    validation: D | None = None
+    """Held out of the client's training data: decides whether an enhanced SLM is adopted (None: none)."""
+
+    @property
+    def held_out(self) -> D:
+        """The validation part, empty when there is none."""
+        return self.validation if self.validation is not None else self.train.subset([])
 
 
 def worse_share(
@@ -63,13 +84,19 @@ def worse_share(
     return worse / draws
 
 
-class Client:
+class ClientBase(Generic[D]):
+    """What every client does, whatever its task kind; the subclass says how its SLM is loaded, trained,
+    scored and judged on the held-out part (the methods that raise NotImplementedError)."""
+
+    metric = "macro_f1"
+    """The held-out metric the point acceptance rule compares (higher is better)."""
+
     def __init__(
         self,
         client_id: str,
         slm: str,
         task: TaskSpec,
-        data: ClientData,
+        data: ClientData[D],
         cfg: ClientConfig,
         *,
         eval_batch_size: int,
@@ -79,17 +106,17 @@ class Client:
         self.client_id = client_id
         self.slm = slm
         self.task = task
-        if cfg.validation_fraction > 0 and not len(data.validation):
+        if cfg.validation_fraction > 0 and not len(data.held_out):
             train, held = stratified_holdout(
                 data.train, task.num_labels, cfg.validation_fraction, pass_seed(seed, "validation", 0)
             )
             data = replace(data, train=train, validation=held)
-        self.data = data
+        self.data: ClientData[D] = data
         self.cfg = cfg
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.max_payload_bytes = max_payload_bytes
-        self.model, self.tokenizer = load_slm(slm, list(task.labels))
+        self.model, self.tokenizer = self._load_model()
         self.model.to(resolve_device(cfg.device, "clients.device"))
         self.round = 0
         self.base_version = 0  # server update the current weights came from; 0 = pretrained
@@ -97,45 +124,48 @@ class Client:
         self.keep_targets: torch.Tensor | None = None
         """[N, C] the last adopted model's predictions on the training texts (clients.keep_weight)."""
 
+    # -- what a task kind supplies ---------------------------------------------------------------------
+    def _load_model(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _score(self, data: D) -> dict[str, float]:
+        """The current model's metrics on `data`."""
+        raise NotImplementedError
+
+    def _predict(self, data: D) -> list[Any]:
+        """The current model's outputs on `data` (what the acceptance rule compares)."""
+        raise NotImplementedError
+
+    def _held_out_metrics(self, outputs: list[Any]) -> dict[str, float]:
+        """The validation metrics of the model whose outputs on the held-out part these are."""
+        raise NotImplementedError
+
+    def _worse_share(self, own: list[Any], offered: list[Any], update: int) -> float:
+        """The share of bootstrap draws of the held-out part on which `offered` is worse than `own` by
+        more than the tolerance."""
+        raise NotImplementedError
+
+    @property
+    def tolerance(self) -> float:
+        raise NotImplementedError
+
+    def _remember_adopted(self) -> None:
+        """Called after a reply is adopted (clients.keep_weight)."""
+
+    def _train_private(self, epochs: int, seed: int, desc: str) -> float:
+        """Training on the client's private data with its local settings; returns the last loss."""
+        raise NotImplementedError
+
+    # -- what every client does ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Metrics of the current weights on the client's test split, the global test split (a
         simulation-only split; a real deployment may have none) and its held-out validation part."""
         splits = {
             "local": self.data.test,
             "global": self.data.global_test,
-            "validation": self.data.validation,
+            "validation": self.data.held_out,
         }
         return {name: self._score(data) for name, data in splits.items() if name == "local" or len(data)}
-
-    def _score(self, data: LabelledTexts) -> dict[str, float]:
-        kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
-        return evaluate(self.model, self.tokenizer, data, self.task.num_labels, **kw)
-
-    def _logits(self, texts: list[str]) -> torch.Tensor:
-        kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
-        return predict_logits(self.model, self.tokenizer, texts, **kw)
-
-    def _predict(self, data: LabelledTexts) -> list[int]:
-        return self._logits(data.texts).argmax(-1).tolist()
-
-    def _train_private(self, epochs: int, seed: int, desc: str) -> float:
-        """Supervised training on the client's private data with its local settings."""
-        return train_supervised(
-            self.model,
-            self.tokenizer,
-            self.data.train,
-            self.task.num_labels,
-            epochs=epochs,
-            lr=self.cfg.lr,
-            batch_size=self.cfg.batch_size,
-            max_length=self.cfg.max_length,
-            seed=seed,
-            autocast=self.cfg.autocast,
-            logit_adjust=self.cfg.logit_adjust,
-            anchor=self.keep_targets,
-            anchor_weight=self.cfg.keep_weight,
-            desc=desc,
-        )
 
     def local_round(self) -> tuple[WireMessage, dict[str, Any]]:
         """Train E epochs on private data from the current weights, evaluate, and build the upload."""
@@ -173,40 +203,38 @@ class Client:
 
     def receive_enhanced(self, wire: WireMessage) -> dict[str, Any]:
         """Validate the server's enhanced SLM and adopt it unless it is worse on the client's held-out
-        validation part than the model the client has (macro-F1 below it by more than the tolerance):
-        then the client keeps its own weights and reports the refusal (`adopted` 0). Test accuracy is
-        recorded before and after."""
+        validation part than the model the client has: its metric (`metric`) below the own model's by
+        more than the tolerance in a share clients.accept_confidence of bootstrap draws of that part (or
+        as measured, with confidence 0). Then the client keeps its own weights and reports the refusal
+        (`adopted` 0). Test metrics are recorded before and after."""
         msg = decode(
             wire,
             expected_labels=list(self.task.labels),
             max_bytes=self.max_payload_bytes,
             expected_type="slm_enhanced",
+            kind=self.task.kind,
         )
         assert isinstance(msg, SLMEnhanced)
         before = self.metrics or self.evaluate()
         own = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        judged = len(self.data.validation) > 0 and "validation" in before
-        own_pred = self._predict(self.data.validation) if judged else []
+        judged = len(self.data.held_out) > 0 and "validation" in before
+        own_out = self._predict(self.data.held_out) if judged else []
         self.model.load_state_dict(msg.state_dict, strict=True)
         offered: dict[str, dict[str, float]] = {}
         adopted = True
         share = None
         if judged:
-            held = self.data.validation
-            offered_pred = self._predict(held)  # one pass: the metrics and the bootstrap both use it
-            offered = {"validation": classification_metrics(held.labels, offered_pred, self.task.num_labels)}
-            share = worse_share(held.labels, own_pred, offered_pred, self.task.num_labels,
-                                tolerance=self.cfg.accept_tolerance,
-                                seed=pass_seed(self.seed, "accept", msg.server_update))  # fmt: skip
+            offered_out = self._predict(self.data.held_out)  # one pass: the metrics and the bootstrap
+            offered = {"validation": self._held_out_metrics(offered_out)}
+            share = self._worse_share(own_out, offered_out, msg.server_update)
             if self.cfg.accept_confidence > 0:
                 adopted = share < self.cfg.accept_confidence
             else:
-                floor = before["validation"]["macro_f1"] - self.cfg.accept_tolerance
-                adopted = offered["validation"]["macro_f1"] >= floor - 1e-9
+                floor = before["validation"][self.metric] - self.tolerance
+                adopted = offered["validation"][self.metric] >= floor - 1e-9
         if adopted:
             self.base_version = msg.server_update
-            if self.cfg.keep_weight > 0:  # later local rounds keep close to what the reply taught
-                self.keep_targets = torch.softmax(self._logits(self.data.train.texts), dim=-1)
+            self._remember_adopted()  # later local rounds keep close to what the reply taught
         else:
             offered["local"] = self._score(self.data.test)  # the refusal checked on more of its own texts
             if len(self.data.global_test):  # simulation only: what the refusal cost on the global split
@@ -231,8 +259,9 @@ class Client:
         }
 
     def save(self, path: Path) -> None:
-        """`AutoModelForSequenceClassification.from_pretrained(path)` loads it back; `restore` reloads the
-        client's own state too (round, base version, metrics), which a Flower node needs between messages."""
+        """`AutoModelForSequenceClassification.from_pretrained(path)` (AutoModelForCausalLM for a generation
+        task) loads it back; `restore` reloads the client's own state too (round, base version, metrics),
+        which a Flower node needs between messages."""
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
@@ -262,7 +291,15 @@ class Client:
                 f"'{path}' holds a client for SLM {state.get('slm')!r} and labels {state.get('labels')}, "
                 f"not {self.slm!r} and {list(self.task.labels)}; use a fresh work-dir for a new task"
             )
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        missing, unexpected = self.model.load_state_dict(
+            load_file(str(path / "model.safetensors")), strict=False
+        )
+        untied = sorted(set(missing) - tied_names(self.model))  # save_pretrained writes a tied weight once
+        if unexpected or untied:
+            raise CrossLMError(
+                f"'{path / 'model.safetensors'}' does not hold this client's model "
+                f"({'unexpected ' + unexpected[0] if unexpected else 'no ' + untied[0]}); use a fresh work-dir"
+            )
         self.round = int(state["round"])
         self.base_version = int(state["base_version"])
         self.metrics = state.get("metrics") or {}
@@ -278,3 +315,56 @@ class Client:
                 "work-dir for new data"
             )
         return True
+
+
+class Client(ClientBase[LabelledTexts]):
+    """A classification task's client: its SLM is a sequence classifier trained on its labelled texts
+    (supervised, with logit adjustment and, after an adopted reply, the keep_weight anchor)."""
+
+    def _load_model(self) -> tuple[Any, Any]:
+        return load_slm(self.slm, list(self.task.labels))
+
+    def _score(self, data: LabelledTexts) -> dict[str, float]:
+        kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
+        return evaluate(self.model, self.tokenizer, data, self.task.num_labels, **kw)
+
+    def _logits(self, texts: list[str]) -> torch.Tensor:
+        kw = {"batch_size": self.eval_batch_size, "max_length": self.cfg.max_length}
+        return predict_logits(self.model, self.tokenizer, texts, **kw)
+
+    def _predict(self, data: LabelledTexts) -> list[int]:
+        return self._logits(data.texts).argmax(-1).tolist()
+
+    def _held_out_metrics(self, outputs: list[Any]) -> dict[str, float]:
+        return classification_metrics(self.data.held_out.labels, outputs, self.task.num_labels)
+
+    def _worse_share(self, own: list[Any], offered: list[Any], update: int) -> float:
+        return worse_share(self.data.held_out.labels, own, offered, self.task.num_labels, tolerance=self.cfg.accept_tolerance,
+                           seed=pass_seed(self.seed, "accept", update))  # fmt: skip
+
+    @property
+    def tolerance(self) -> float:
+        return self.cfg.accept_tolerance
+
+    def _remember_adopted(self) -> None:
+        """clients.keep_weight: the adopted model's predictions on the training texts, for later rounds."""
+        if self.cfg.keep_weight > 0:
+            self.keep_targets = torch.softmax(self._logits(self.data.train.texts), dim=-1)
+
+    def _train_private(self, epochs: int, seed: int, desc: str) -> float:
+        return train_supervised(
+            self.model,
+            self.tokenizer,
+            self.data.train,
+            self.task.num_labels,
+            epochs=epochs,
+            lr=self.cfg.lr,
+            batch_size=self.cfg.batch_size,
+            max_length=self.cfg.max_length,
+            seed=seed,
+            autocast=self.cfg.autocast,
+            logit_adjust=self.cfg.logit_adjust,
+            anchor=self.keep_targets,
+            anchor_weight=self.cfg.keep_weight,
+            desc=desc,
+        )

@@ -132,9 +132,9 @@ def fit_pairs(
     autocast: str = "float32",
     desc: str = "train",
     batch_loss: BatchLoss | None = None,
-) -> Any:
-    """Supervised tuning of `model` in place on input -> target (loss on the target tokens only); returns
-    the model, in eval mode.
+) -> float:
+    """Supervised tuning of `model` in place on input -> target (loss on the target tokens only), leaving
+    it in eval mode; returns the mean loss of the last pass over the pairs (nan for no pairs).
 
     `max_steps` > 0 replaces `epochs` by a number of optimizer steps (passes over the pairs repeat until it
     is reached). `sample_weights` [N] weight each pair's loss (`pair_loss`); pass weights with mean 1 to
@@ -146,7 +146,7 @@ def fit_pairs(
     if len(inputs) != len(targets):
         raise ValueError(f"inputs and targets differ in length ({len(inputs)}, {len(targets)})")
     if len(inputs) == 0:
-        return model
+        return float("nan")
     fmt = fmt or PairFormat()
     weights = None
     if sample_weights is not None:
@@ -164,9 +164,11 @@ def fit_pairs(
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total_steps, 1))
         step = 0
+        last = float("nan")
         with progress(total=total_steps, desc=desc, leave=False, unit="step") as bar:
             while step < total_steps:
                 order = torch.randperm(len(pairs), generator=gen)
+                losses: list[float] = []
                 for start in range(0, len(pairs), batch_size):
                     if step == total_steps:
                         break
@@ -187,10 +189,13 @@ def fit_pairs(
                     opt.step()
                     sched.step()
                     step += 1
+                    losses.append(loss.item())
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if losses:
+                    last = sum(losses) / len(losses)
     model.eval()
-    return model
+    return last
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ SLM_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Z
 # Metric keys an upload may declare (aggregates of the client's own test split, nothing else), per task kind.
 UPLOAD_METRIC_KEYS = {
     "classification": frozenset({"accuracy", "macro_f1"}),
-    "generation": frozenset({"rouge_l", "target_perplexity"}),
+    "generation": frozenset({"rouge_l", "target_perplexity", "distinct_2"}),
 }
 
 # Config keys that describe provenance, not architecture: dropped when sending and ignored when received

@@ -13,7 +13,8 @@ from typing import Any
 
 from crosslm.errors import ProtocolError
 
-METRIC_KEYS = frozenset({"accuracy", "macro_f1"})
+METRIC_KEYS = frozenset({"accuracy", "macro_f1", "rouge_l", "target_perplexity", "distinct_2"})
+"""Classification's and generation's (crosslm.evaluation.generation) aggregate metrics."""
 SPLITS = frozenset({"local", "global", "validation"})
 # event kind -> its numeric fields; "client" and "event" are always present, split metrics are optional.
 REPORT_FIELDS: dict[str, frozenset[str]] = {

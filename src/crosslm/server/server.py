@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from crosslm.catalogue.models import load_slm_tokenizer
+from crosslm.catalogue.models import SLM_KIND, load_slm_tokenizer
 from crosslm.config import RunConfig
 from crosslm.errors import CrossLMError, ProtocolError
 from crosslm.precision import dtype_name, resolve_device, resolve_dtype
@@ -84,6 +84,7 @@ class CrossLMServer:
                 expected_labels=list(self.task.labels),
                 max_bytes=self.max_bytes,
                 expected_type="slm_upload",
+                kind=self.task.kind,
             )
             assert isinstance(msg, SLMUpload)
             event.update(client=msg.client_id, round=msg.version, slm=msg.slm, train_size=msg.num_examples)
@@ -110,12 +111,12 @@ class CrossLMServer:
 
     def _host(self, msg: SLMUpload) -> ClientModel:
         try:
-            tokenizer = load_slm_tokenizer(msg.slm)
+            tokenizer = load_slm_tokenizer(msg.slm, SLM_KIND[self.task.kind])
         except CrossLMError as e:
             raise ProtocolError(
                 f"upload from {msg.client_id}: unknown SLM tokenizer '{msg.slm}' ({e})"
             ) from None
-        model = build_model(msg.model_type, msg.model_config, len(self.task.labels))
+        model = build_model(msg.model_type, msg.model_config, len(self.task.labels), kind=self.task.kind)
         model.load_state_dict(msg.state_dict, strict=True)
         model.to(self.device).eval()
         return ClientModel(
