@@ -1,7 +1,8 @@
 """Benchmark: size and training-step time of causal SLMs cut from SmolLM2-135M-Instruct at several depths.
 
-For each depth k (the first k of the LLM's 30 decoder layers, shared embedding and head, as the catalogue's
-`smollm2-l<k>` entries load it), measures:
+For each depth k (the first k of the LLM's 30 decoder layers, shared embedding and head; the catalogue's
+`smollm2-l<k>` entries keep the first and last k/2 instead, which changes the perplexity, not the time),
+measures:
 - parameters (the tied embedding/head counted once);
 - seconds of one forward + backward pass of the causal-LM loss over all positions of a batch of 8 x 96
   tokens (random token ids: speed does not depend on the values);

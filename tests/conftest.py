@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +129,18 @@ def make_upload(model, **kw):
     )
     fields.update(kw)
     return SLMUpload(**fields)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def crosslm_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    """The real command line, run from the repository root (end-to-end tests)."""
+    return subprocess.run(
+        [sys.executable, "-m", "crosslm.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw
+    )
+
+
+def run_events(run_dir: Path) -> list[dict]:
+    """A run directory's metrics.jsonl events."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -39,7 +39,7 @@ def test_catalogue_has_causal_slms_of_two_depths() -> None:
     for name in CAUSAL:
         entry = MODELS[name]
         assert entry.base == "smollm2-135m-instruct" and MODELS[entry.base].kind == "llm"
-        assert entry.overrides["num_hidden_layers"] < 30
+        assert 0 < len(entry.layers) < 30 and entry.layers[-1] == 29  # ends on the layer the head reads
         assert "M params" in entry.description and "TBD" not in entry.description
     assert {r["kind"] for r in cat.catalogue_status()} == {"llm", "slm", "slm-causal"}
 
@@ -68,7 +68,7 @@ def test_wrong_kind_is_refused_with_the_names_that_fit(tmp_path: Path) -> None:
 
 
 def test_hub_ids_and_local_folders_pass_through(tmp_path: Path) -> None:
-    assert causal_slm_source("distilgpt2") == ("distilgpt2", {})
+    assert causal_slm_source("distilgpt2") == ("distilgpt2", {}, ())
     with pytest.raises(CatalogueError, match=r"cannot load 'no/such-model' as a causal SLM.*smollm2-l6"):
         load_causal_slm("no/such-model")  # offline in tests: not found, with the catalogue's names
 
@@ -93,16 +93,20 @@ def test_a_saved_causal_slm_loads_with_from_pretrained(tmp_path: Path) -> None:
 
 
 @needs_smollm2
-def test_smollm2_truncation_is_the_llms_first_layers_and_saves(tmp_path: Path) -> None:
+def test_smollm2_cut_keeps_the_llms_first_and_last_layers_and_saves(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model, tok = load_causal_slm("smollm2-l6")
     assert len(model.model.layers) == model.config.num_hidden_layers == 6
+    full, _ = load_causal_slm("smollm2-l6", num_hidden_layers=30)
+    for mine, source in zip(model.model.layers, [0, 1, 2, 27, 28, 29], strict=True):
+        assert torch.equal(mine.mlp.up_proj.weight, full.model.layers[source].mlp.up_proj.weight)
+    assert [b.self_attn.layer_idx for b in model.model.layers] == list(range(6))
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the shared embedding and head
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 49.6
     assert tok.pad_token is not None and tok.eos_token_id is not None
-    path, overrides = causal_slm_source("smollm2-l6")
-    assert overrides == {"num_hidden_layers": 6} and Path(path, "config.json").is_file()
+    path, overrides, layers = causal_slm_source("smollm2-l6")
+    assert overrides == {} and layers == (0, 1, 2, 27, 28, 29) and Path(path, "config.json").is_file()
     model.save_pretrained(tmp_path / "slm")  # a GGUF-derived model would refuse this
     config = json.loads((tmp_path / "slm" / "config.json").read_text())
     assert config["num_hidden_layers"] == 6 and "quantization_config" not in config

@@ -13,18 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import crosslm_cli, run_events
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
-def _crosslm(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "crosslm.cli", *args], capture_output=True, text=True, cwd=ROOT, **kw
-    )
-
-
-def _events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+_crosslm, _events = crosslm_cli, run_events
 
 
 @pytest.fixture(scope="module")

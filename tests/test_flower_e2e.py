@@ -141,7 +141,7 @@ def _wait_for(pred, timeout: float, what: str) -> None:
 
 
 def test_a_killed_supernode_is_survived_and_rejoins(tmp_path):
-    cfg = _cfg(tmp_path, "nodekill", **{"federation.updates": "8", "flower.node_delays": "[0,3]"})
+    cfg = _cfg(tmp_path, "nodekill", **{"federation.updates": "6", "flower.node_delays": "[0,3]"})
     task, _ = prepare_data(cfg)
     run_dir = make_run_dir(cfg)
     dep, specs = loopback(cfg, run_dir)

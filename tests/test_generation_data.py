@@ -147,7 +147,8 @@ def test_local_csv_pairs_with_conditions(tmp_path: Path) -> None:
         0,
     )
     assert "local news stories" in task.prompt_for(1) and "sport" in task.prompt_for(1)
-    assert task.prompt_for(0).endswith("Use this format:\nLead: ...\nTitle: ...")
+    assert task.prompt_for(0).endswith("Reply with the lead only.")  # the LLM writes the title separately
+    assert task.target_prompt("x") == "Write the title for this lead:\nx"
     with pytest.raises(DataError, match="data.target_column is set"):
         load_task_data(cfg)  # the classification path refuses it
 

@@ -1,5 +1,5 @@
 """The server's steps of a generation update (crosslm.server.generation_update) on tiny random causal LMs:
-pair parsing and its drop counts, the per-client rank score and q, S+ per condition, L_task for
+story cleaning, the two-step pair generation and its drop counts, the per-client rank score and q, S+ per condition, L_task for
 generation and the tuning step, token-level distillation, the LLM's own targets, and one update end to end."""
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from crosslm.modeling.llm_text import answer_ids, next_token_logits, pair_batch,
 from crosslm.server import generation_update as gu
 from crosslm.server.feedback import ClientModel, staleness_weights
 from crosslm.server.generation_update import (
-    DROP_REASONS,
+    clean_story,
     distil_pairs,
     generate_pairs,
     generation_task_loss,
     generation_update,
     kd_mismatch,
     llm_targets,
-    parse_pair,
     percentile_ranks,
     score_pairs,
     select_pairs,
@@ -41,7 +40,7 @@ TASK = TaskSpec(
     labels=("sport", "tech"),
     descriptions=("sport", "technology"),
     verbalizer=("Sport", "Tech"),
-    generation_prompt="Write a {description} story, then its headline.",
+    generation_prompt="Write a {description} story.",
     classification_prompt="",
     text_noun="story",
     kind="generation",
@@ -60,8 +59,8 @@ STORIES = {  # what the tiny LLM is taught to write for each condition: (story, 
 }
 
 
-def parse(answer: str, finished: bool = True):
-    return parse_pair(answer, TASK, finished=finished, min_words=3, max_target_chars=20)
+def clean(answer: str, truncated: bool = False, max_chars: int = 0) -> str:
+    return clean_story(answer, TASK, truncated=truncated, min_words=3, max_chars=max_chars)
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +85,14 @@ def tiny_causal(vocab_size: int, layers: int = 2, seed: int = 0, hidden: int = 3
 
 @pytest.fixture(scope="module")
 def writer_llm(tok):
-    """A tiny LLM taught to answer each condition's pair prompt with one of its STORIES in the pair format,
-    and the target prompt of each story with its headline: an LLM whose answers parse."""
+    """A tiny LLM taught to answer each condition's prompt with one of its STORIES, and the target prompt
+    of each story with its headline."""
     model = tiny_causal(len(tok), hidden=64, seed=1)
     prompts, answers = [], []
     for c, pairs in STORIES.items():
         for story, headline in pairs:
             prompts += [user_prompt_ids(tok, TASK.prompt_for(c)), gu.target_prompt_ids(tok, TASK, story, 100)]
-            answers += [answer_ids(tok, TASK.pair_text(story, headline)), answer_ids(tok, headline)]
+            answers += [answer_ids(tok, story), answer_ids(tok, headline)]
     batch = pair_batch(prompts, answers, tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -108,94 +107,72 @@ def writer_llm(tok):
     return add_lora(model.eval(), LLMConfig(lora_r=4, lora_alpha=8, lora_targets=["q_proj", "v_proj"]))
 
 
-# -- 1. parsing -------------------------------------------------------------------------------------------
+# -- 1. pairs ---------------------------------------------------------------------------------------------
 
 
-def test_well_formed_answers_parse_into_input_and_target() -> None:
-    assert parse("Story: the team won the cup\nHeadline: Cup win") == gu.ParsedPair(
-        "the team won the cup", "Cup win"
-    )
-    # a preamble, markdown, quotes, spread-out whitespace, and text after the target line
-    answer = 'Sure, here it is:\n**Story:** the  team\nwon the cup\n\n**Headline:** "Cup win"\nStory: more'
-    assert parse(answer) == gu.ParsedPair("the team won the cup", "Cup win")
-    # no input marker: the text before the target marker, less a preamble line ending in ':'
-    assert parse("Here is a story:\nthe team won the cup\nheadline: Cup win").input == "the team won the cup"
-    # the target on the line after an empty marker line
-    assert parse("Story: the team won the cup\nHeadline:\n  Cup win  ").target == "Cup win"
-    # unfinished answer, but the target's line was followed by another: the target is whole
+def test_a_story_is_cleaned_like_a_real_input() -> None:
+    assert clean("the team won the cup final") == "the team won the cup final"
+    # a preamble, a 'Story:' marker, markdown, quotes and spread-out whitespace
+    assert clean('Sure, here it is:\n**Story:** "the  team\nwon the cup"') == "the team won the cup"
+    # a headline the LLM wrote anyway is not part of the input
+    assert clean("Story: the team won the cup\nHeadline: Cup win") == "the team won the cup"
+    # an unfinished last sentence is cut when the budget ran out; the input is cut at a word to max_chars
     assert (
-        parse("Story: the team won the cup\nHeadline: Cup win\nStory: the", finished=False).target
-        == "Cup win"
+        clean("The team won. The fans went home. They sang all", truncated=True)
+        == "The team won. The fans went home."
     )
-
-
-@pytest.mark.parametrize(
-    ("answer", "finished", "reason"),
-    [
-        ("Story: the team won the cup final", True, "no_marker"),
-        ("Headline: Cup win\nStory: the team won the cup", True, "no_marker"),  # the target before the input
-        ("Story: the team won the cup\nHeadline:   ", True, "empty_target"),
-        ("Story: the team won the cup\nHeadline: **", True, "empty_target"),
-        ("Story: the team won the cup\nHeadline: Cup w", False, "truncated"),  # the budget ran out on it
-        ("Story: the team won the cup\nHeadline: " + "long " * 10, True, "target_too_long"),
-        ("Story: cup won\nHeadline: Cup win", True, "too_short"),
-    ],
-)
-def test_each_malformed_answer_is_dropped_with_its_reason(answer: str, finished: bool, reason: str) -> None:
-    assert reason in DROP_REASONS
-    assert parse(answer, finished) == gu.ParsedPair(reason=reason)
+    assert clean("the team won the cup final again", max_chars=20) == "the team won the cup"
+    # too short (under min_words) gives ''
+    assert clean("Story: cup won") == "" and clean("Headline: Cup win") == ""
 
 
 def test_generation_counts_every_drop_by_reason_and_dedupes_across_updates(tok, monkeypatch) -> None:
-    answers = {  # per condition, what the LLM "writes" (sampling replaced; the parsing and counting are real)
-        0: ["Story: the team won the cup\nHeadline: Cup win", "Story: the team won the cup\nHeadline: Cup win",
-            "no format at all here", "Story: a b\nHeadline: Short"],
-        1: ["Story: a new phone came out\nHeadline: New phone", "Story: another phone came out\nHeadline: New phone",
-            "Story: chips got faster today\nHeadline:", "Story: chips got faster today\nHeadline: Fast chi"],
+    stories = {  # per condition, what the LLM "writes" for P(c) (sampling replaced; cleaning and counting real)
+        0: ["the team won the cup", "the team won the cup", "cup won", "the fans sang all night"],
+        1: ["a new phone came out", "another phone came out", "chips got faster today", "a robot can cook now"],
     }  # fmt: skip
-    cut = {
-        "Story: chips got faster today\nHeadline: Fast chi"
-    }  # no end-of-sequence token: the budget ran out
+    headlines = {  # ... and for the target prompt of each story: (answer, finished)
+        "the team won the cup": ("Cup win", True), "a new phone came out": ("New phone", True),
+        "another phone came out": ("New phone", True),  # a repeated headline
+        "chips got faster today": ("", True), "a robot can cook now": ("Robot c", False),  # cut by the budget
+        "the fans sang all night": ("A very long headline here", True),
+    }  # fmt: skip
     prompts = {c: user_prompt_ids(tok, TASK.prompt_for(c)) for c in (0, 1)}
 
-    def fake(snapshot, tokenizer, rows, cfg, *, desc):
+    def fake_stories(snapshot, tokenizer, rows, cfg, *, desc):
         out, used = [], dict.fromkeys(prompts, 0)
         for p in rows:
             c = next(c for c, q in prompts.items() if q == p)
-            text = answers[c][used[c]]
+            out.append(tok(stories[c][used[c]], add_special_tokens=False).input_ids + [tok.eos_token_id])
             used[c] += 1
-            out.append(
-                tok(text, add_special_tokens=False).input_ids + ([] if text in cut else [tok.eos_token_id])
-            )
         return out
 
-    monkeypatch.setattr(gu, "sample_answers", fake)
+    def fake_targets(snapshot, tokenizer, task, inputs, **kw):
+        return [headlines[x] for x in inputs]
+
+    monkeypatch.setattr(gu, "sample_answers", fake_stories)
+    monkeypatch.setattr(gu, "write_targets", fake_targets)
     cfg = GenerationConfig(samples_per_label=4, min_words=3, dtype="float32")
     seen: set[str] = set()
     model = tiny_causal(len(tok))
-    pairs, stats = generate_pairs(model, tok, TASK, cfg, seen=seen, seed=0, max_target_chars=20)
+    kw = {"max_input_chars": 300, "max_target_chars": 20, "max_target_tokens": 16, "max_text_tokens": 100}
+    pairs, stats = generate_pairs(model, tok, TASK, cfg, seen=seen, seed=0, **kw)
     assert [(p.input, p.target, p.condition) for p in pairs] == [
         ("the team won the cup", "Cup win", 0),
         ("a new phone came out", "New phone", 1),
     ]
     assert stats.generated == 8 and stats.kept == 2
     # duplicates: a repeated story, and a new story under a repeated headline
-    assert stats.dropped == {"no_marker": 1, "empty_target": 1, "truncated": 1, "target_too_long": 0,
-                             "too_short": 1, "duplicate": 2}  # fmt: skip
+    assert stats.dropped == {"too_short": 1, "empty_target": 1, "truncated": 1, "target_too_long": 1,
+                             "duplicate": 2}  # fmt: skip
     assert len(seen) == 4  # each kept pair's input and target
-    # a later update that writes the same answers: every pair is a duplicate of the earlier one's
-    again, stats2 = generate_pairs(model, tok, TASK, cfg, seen=seen, seed=1, max_target_chars=20)
-    assert again == [] and stats2.dropped["duplicate"] == 4
+    # a later update that writes the same stories: every pair is a duplicate of the earlier one's
+    again, stats2 = generate_pairs(model, tok, TASK, cfg, seen=seen, seed=1, **kw)
+    assert again == [] and stats2.dropped["duplicate"] == 4 and stats2.dropped["too_short"] == 1
 
 
-def test_the_pair_prompt_carries_the_parseable_format() -> None:
-    prompt = TASK.prompt_for(1)
-    assert (
-        prompt == "Write a technology story, then its headline.\nUse this format:\nStory: ...\nHeadline: ..."
-    )
-    assert parse(TASK.pair_text("the chip maker built a chip", "Chip")) == gu.ParsedPair(
-        "the chip maker built a chip", "Chip"
-    )
+def test_the_input_prompt_asks_for_the_input_and_the_target_prompt_for_its_target() -> None:
+    assert TASK.prompt_for(1) == "Write a technology story."
     assert TASK.target_prompt("the story") == "Write the headline for this story:\nthe story"
 
 
@@ -401,10 +378,8 @@ def test_one_generation_update_runs_its_steps_in_sequence(tok, writer_llm) -> No
 
     assert out.stats.generated == 8 and out.stats.kept == len(pool) == len(out.new) >= 2
     assert out.stats.kept + sum(out.stats.dropped.values()) == 8
-    known = {TASK.pair_text(s, h) for pairs in STORIES.values() for s, h in pairs}
-    assert all(
-        TASK.pair_text(p.input, p.target) in known for p in pool
-    )  # what the LLM was taught, parsed back
+    known = {(s, h) for pairs in STORIES.values() for s, h in pairs}
+    assert all((p.input, p.target) in known for p in pool)  # what the LLM was taught, in two steps
     assert all((p.update, p.llm_version) == (1, 0) for p in pool)
     assert out.feedback is not None and bool(((out.feedback.q >= 0) & (out.feedback.q <= 1)).all())
     assert (

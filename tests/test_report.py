@@ -238,3 +238,137 @@ def test_the_report_opens_with_what_the_guards_did(tmp_path: Path) -> None:
 def test_a_run_where_every_guard_stayed_quiet_has_no_guard_lines(tmp_path: Path) -> None:
     report = write_report(tmp_path, _events(), CONFIG).read_text(encoding="utf-8")
     assert "No signal" not in report and "undone" not in report and "refused" not in report
+
+
+# --------------------------------------------------------------------------- generation runs
+
+GEN_PLOTS = ["slm_global_rouge_l.png", "llm_rouge_l.png", "synthetic_quality.png"]
+
+
+def _g(lr: float, gr: float, lp: float = 9.0, gp: float = 10.0) -> dict:
+    """Per-split generation metrics: ROUGE-L, target perplexity, distinct-2."""
+    return {
+        "local": {"rouge_l": lr, "target_perplexity": lp, "distinct_2": 0.5},
+        "global": {"rouge_l": gr, "target_perplexity": gp, "distinct_2": 0.6},
+    }
+
+
+def _gen_events() -> list[dict]:
+    clients = [
+        {"client": "client-0", "slm": "smollm2-135m", "speed": 1.0, "train_size": 200, "test_size": 50,
+         "label_counts": [150, 50]},
+        {"client": "client-1", "slm": "pythia-70m", "speed": 0.5, "train_size": 120, "test_size": 40,
+         "label_counts": [30, 90]},
+    ]  # fmt: skip
+    update = {"event": "server_update", "generated": 60, "kept": 41, "malformed": 7, "duplicates": 4,
+              "mean_q": 0.58, "tau": 0.5, "share_q_ge_tau": 0.6, "pool_size": 41, "splus_size": 24,
+              "splus_per_label": [12, 12], "distilled_size": 20, "distilled_per_label": [10, 10],
+              "distinct2": 0.71, "loss": {"total": 2.1, "task": 1.9}, "staleness": {"client-0": 0},
+              "weights": {"client-0": 1.0}, "gen_tokens_per_s": 80.0, "seconds": 50.0}  # fmt: skip
+    return [
+        {"event": "run_start", "t": 0, "wall": 0.0, "seed": 1, "dataset": "news-headlines",
+         "task_kind": "generation", "labels": ["business", "sports"], "llm": "qwen2.5-0.5b-instruct",
+         "clients": clients},
+        {"event": "llm_eval", "t": 0, "wall": 4.0, "update": 0, "dtype": "float32", "rouge_l": 0.181,
+         "target_perplexity": 14.25, "distinct_2": 0.62, "n": 100},
+        {"event": "perplexity", "t": 0, "wall": 5.0, "stage": "start", "update": 0, "perplexity": 23.4,
+         "tokens": 4096},
+        {"event": "client_trained", "t": 3, "wall": 8.0, "client": "client-0", "round": 1,
+         **_g(0.234, 0.212, 9.87, 10.5), "seconds": 3.0},
+        {"event": "client_trained", "t": 6, "wall": 11.0, "client": "client-1", "round": 1,
+         **_g(0.3, 0.2, 8.0, 12.0), "seconds": 6.0},
+        {**update, "t": 60, "wall": 70.0, "update": 1, "trigger_clients": ["client-0"]},
+        {"event": "llm_eval", "t": 61, "wall": 72.0, "update": 1, "dtype": "float32", "rouge_l": 0.22,
+         "target_perplexity": 12.0, "distinct_2": 0.6, "n": 100},
+        {"event": "enhanced", "t": 62, "wall": 74.0, "client": "client-0", "update": 1, "adopted": 1,
+         "before": _g(0.234, 0.212, 9.87, 10.5), "after": _g(0.25, 0.23, 9.5, 10.1)},
+        {**update, "t": 120, "wall": 140.0, "update": 2, "trigger_clients": ["client-1"], "malformed": 2,
+         "duplicates": 9},
+        {"event": "llm_eval", "t": 121, "wall": 142.0, "update": 2, "dtype": "float32", "rouge_l": 0.256,
+         "target_perplexity": 11.5, "distinct_2": 0.58, "n": 100},
+        {"event": "enhanced", "t": 122, "wall": 144.0, "client": "client-0", "update": 2, "adopted": 1,
+         "before": _g(0.25, 0.23, 9.5, 10.1), "after": _g(0.27, 0.245, 9.1, 9.75)},
+        {"event": "enhanced", "t": 123, "wall": 145.0, "client": "client-1", "update": 2, "adopted": 0,
+         "worse_share": 0.95, "before": {**_g(0.3, 0.2, 8.0, 12.0), "validation": {"rouge_l": 0.31}},
+         "offered": {**_g(0.26, 0.19, 8.4, 12.5), "validation": {"rouge_l": 0.275}},
+         "after": _g(0.3, 0.2, 8.0, 12.0)},
+        {"event": "client_eval", "t": 124, "wall": 146.0, "client": "client-0", **_g(0.27, 0.245, 9.1, 9.75)},
+        {"event": "perplexity", "t": 125, "wall": 150.0, "stage": "end", "update": 2, "perplexity": 24.0,
+         "tokens": 4096},
+        {"event": "run_end", "t": 125, "wall": 300.0, "updates": 2, "interrupted": False},
+    ]  # fmt: skip
+
+
+GEN_CONFIG = {"data": {"name": "news-headlines"}, "seed": 1}
+
+
+def test_generation_report_shows_rouge_l_not_accuracy(tmp_path: Path) -> None:
+    report = write_report(tmp_path, _gen_events(), GEN_CONFIG).read_text(encoding="utf-8")
+    assert "accuracy" not in report.lower() and "macro-f1" not in report.lower()
+    assert "(conditions: business, sports)" in report
+    for name in GEN_PLOTS:
+        assert f"(plots/{name})" in report
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, name
+    assert not (tmp_path / "plots" / "slm_global_accuracy.png").exists()
+    assert not (tmp_path / "plots" / "llm_accuracy.png").exists()
+
+    slms = _section(report, "Client SLMs: standalone vs. final")
+    assert "| standalone local ROUGE-L | standalone local target ppl |" in slms
+    assert "Δ global ROUGE-L (points)" in slms and "condition counts (business / sports)" in slms
+    c0 = _row(slms, "client-0")
+    # standalone la lp ga gp, final la lp ga gp, Δ: ROUGE-L ×100 with one decimal, perplexity plain
+    assert c0[4:8] == ["23.4", "9.87", "21.2", "10.50"]
+    assert c0[8:12] == ["27.0", "9.10", "24.5", "9.75"]  # last enhancement (update 2)
+    assert c0[12] == "+3.3"
+    assert _row(slms, "**mean**")[7] == "11.25"  # mean standalone global perplexity of 10.5 and 12.0
+
+    enh = _section(report, "Enhancements")
+    assert "local ROUGE-L ×100 before → after" in enh
+    assert _row(enh, "1")[1:6] == ["client-0", "23.4 → 25.0", "21.2 → 23.0", "+1.8", "10.50 → 10.10"]
+    assert "| 2 | client-1 | 30.0 → 30.0 | 20.0 → 20.0 | +0.0 | 12.00 → 12.00 | **refused** |" in enh
+
+    llm = _section(report, "Server LLM")
+    assert "| update | ROUGE-L | target perplexity | distinct-2 | n |" in llm
+    assert _row(llm, "0 (zero-shot)")[1:5] == ["18.1", "14.25", "0.620", "100"]
+    assert _row(llm, "2")[1:4] == ["25.6", "11.50", "0.580"]
+    assert (
+        "Zero-shot → final (update 2): ROUGE-L 18.1 → 25.6 (+7.5 points), target perplexity 14.25 → 11.50."
+        in llm
+    )
+    assert "start 23.40 → end 24.00; relative change +2.6%" in llm  # held-out text: as for classification
+
+    syn = _section(report, "Synthetic data per server update")
+    assert "| kept | malformed | duplicates | mean q |" in syn and "S+ size (per condition)" in syn
+    assert _row(syn, "2")[2:7] == ["60", "41", "2", "9", "0.580"]
+
+
+def test_a_generation_refusal_names_rouge_l(tmp_path: Path) -> None:
+    report = write_report(tmp_path, _gen_events(), GEN_CONFIG).read_text(encoding="utf-8")
+    head = report[: report.index("Dataset **")]
+    assert (
+        "**1 of 3 enhanced SLMs refused** by their clients, which kept their own weights: client-1 at update 2 "
+        "(validation ROUGE-L 31.0 → offered 27.5, worse in 95.0 % of bootstrap draws; own test ROUGE-L kept "
+        "30.0, offered 26.0; global ROUGE-L kept 20.0, offered 19.0)." in head
+    )
+
+
+def test_generation_summary_table() -> None:
+    text = summary_table(_gen_events())
+    assert text.splitlines()[0] == "Client SLMs, global test ROUGE-L (×100)"
+    c0 = next(line for line in text.splitlines() if line.strip().startswith("client-0")).split()
+    assert c0 == ["client-0", "smollm2-135m", "21.2", "24.5", "+3.3"]
+    assert (
+        "LLM zero-shot → final (update 2): ROUGE-L (×100) 18.1 → 25.6, target perplexity 14.25 → 11.50"
+        in text
+    )
+    assert "23.40 → 24.00 (+2.6%)" in text and "accuracy" not in text
+
+
+def test_the_task_kind_comes_from_the_metrics_when_run_start_is_lost(tmp_path: Path) -> None:
+    events = [e for e in _gen_events() if e["event"] != "run_start"]
+    report = write_report(tmp_path, events, GEN_CONFIG).read_text(encoding="utf-8")
+    assert _row(_section(report, "Client SLMs: standalone vs. final"), "client-0")[4:6] == ["23.4", "9.87"]
+    assert (tmp_path / "plots" / "llm_rouge_l.png").exists()
+    # while an older log, without task_kind or generation metrics, stays classification
+    assert "ROUGE-L" not in summary_table(_events())

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from crosslm.catalogue.datasets import load_general_text, load_task_data
-from crosslm.catalogue.models import load_llm
-from crosslm.client.client import Client, ClientData
+from crosslm.catalogue.datasets import load_general_text, load_generation_data, load_task_data, task_kind
+from crosslm.catalogue.models import check_slms, load_llm
+from crosslm.client.client import Client, ClientBase, ClientData
+from crosslm.client.generation_client import GenerationClient
 from crosslm.config import RunConfig, save_config
 from crosslm.errors import ConfigError, CrossLMError
 from crosslm.evaluation.perplexity import perplexity
@@ -33,7 +34,9 @@ from crosslm.precision import machine_info
 from crosslm.seeding import pass_seed, seed_everything
 from crosslm.server.server import CrossLMServer
 from crosslm.server.tune_llm import add_lora
-from crosslm.task import LabelledTexts, TaskSpec
+from crosslm.task import GenerationPairs, LabelledTexts, TaskSpec
+
+TaskData = LabelledTexts | GenerationPairs
 
 # Methods a runtime cannot run, with the one-line reason it is refused.
 UNSUPPORTED: dict[str, dict[str, str]] = {
@@ -45,10 +48,24 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
 
 
 def check_runtime(cfg: RunConfig, runtime: str) -> None:
-    """Refuse, before any work, a method that `runtime` cannot run."""
+    """Refuse, before any work, a method that `runtime` cannot run, and settings that do not fit the task's
+    kind (`check_task_kind`)."""
     reason = UNSUPPORTED.get(runtime, {}).get(cfg.method)
     if reason:
         raise ConfigError(reason)
+    check_task_kind(cfg)
+
+
+def check_task_kind(cfg: RunConfig) -> None:
+    """Settings that must fit the task's kind (known from data.dataset and data.target_column without
+    reading the data): every SLM a model of that kind, and no classifier-only option on a generation task."""
+    kind = task_kind(cfg.data)
+    check_slms([str(s) for s in cfg.clients.slms], kind)
+    if kind == "generation" and cfg.clients.keep_weight > 0:
+        raise ConfigError(
+            f"config key 'clients.keep_weight' = {cfg.clients.keep_weight!r}: expected 0 for a generation task "
+            "(it anchors a classifier's label predictions; a generation task's SLMs write text)."
+        )
 
 
 def make_run_dir(cfg: RunConfig, *, resume: bool = False) -> Path:
@@ -100,13 +117,21 @@ class RunLog:
             )
 
 
+def load_data(cfg: RunConfig) -> tuple[TaskSpec, TaskData]:
+    """The task and its cleaned examples: labelled texts, or (input, target, condition) pairs for a
+    generation task."""
+    if task_kind(cfg.data) == "generation":
+        return load_generation_data(cfg.data)
+    return load_task_data(cfg.data)
+
+
 def prepare_data(cfg: RunConfig) -> tuple[TaskSpec, FederatedSplit]:
     """The task and its seeded federated split; every runtime (and every Flower node) gets the same."""
-    task, data = load_task_data(cfg.data)
+    task, data = load_data(cfg)
     return task, split_task_data(cfg, task, data)
 
 
-def split_task_data(cfg: RunConfig, task: TaskSpec, data: LabelledTexts) -> FederatedSplit:
+def split_task_data(cfg: RunConfig, task: TaskSpec, data: TaskData) -> FederatedSplit:
     """The seeded federated split of already loaded task data (`prepare_data` without the loading).
 
     With `eval.split: validation` the global metrics are measured on the validation split instead of the
@@ -144,21 +169,20 @@ def client_seed(run_seed: int, index: int) -> int:
 
 def build_client(
     cfg: RunConfig, task: TaskSpec, client_id: str, slm: str, data: ClientData, index: int
-) -> Client:
-    return Client(
-        client_id,
-        slm,
-        task,
-        data,
-        cfg.clients,
-        eval_batch_size=cfg.eval.batch_size,
-        max_payload_bytes=int(cfg.federation.max_payload_mb * 1024 * 1024),
-        seed=client_seed(cfg.seed, index),
-    )
+) -> ClientBase:
+    """The client of the task's kind: a classifier's (`Client`) or a headline writer's (`GenerationClient`)."""
+    kw: dict[str, Any] = {
+        "eval_batch_size": cfg.eval.batch_size,
+        "max_payload_bytes": int(cfg.federation.max_payload_mb * 1024 * 1024),
+        "seed": client_seed(cfg.seed, index),
+    }
+    if task.kind == "generation":
+        return GenerationClient(client_id, slm, task, data, cfg.clients, task_cfg=cfg.generation_task, **kw)
+    return Client(client_id, slm, task, data, cfg.clients, **kw)
 
 
 def build_server(
-    cfg: RunConfig, task: TaskSpec, global_test: LabelledTexts, log: RunLog, synthetic: JsonlWriter
+    cfg: RunConfig, task: TaskSpec, global_test: TaskData, log: RunLog, synthetic: JsonlWriter
 ) -> CrossLMServer:
     """Load the LLM, wrap it with a fresh LoRA adapter and build the server around it (a baseline whose
     server never uses the LLM gets none)."""
@@ -166,10 +190,7 @@ def build_server(
     if cfg.federation.server_update == "crosslm":
         llm, tok = load_llm(cfg.llm.model)
         llm = add_lora(llm, cfg.llm)
-    eval_idx = list(range(min(cfg.eval.llm_eval_size, len(global_test))))
-    llm_eval = LabelledTexts(
-        [global_test.texts[i] for i in eval_idx], [global_test.labels[i] for i in eval_idx]
-    )
+    llm_eval = global_test.subset(list(range(min(cfg.eval.llm_eval_size, len(global_test)))))
     return CrossLMServer(cfg, task, llm, tok, llm_eval, log=log, log_synthetic=synthetic.write)
 
 
@@ -244,7 +265,7 @@ class RunSession:
         )
         self.server: CrossLMServer | None = None
 
-    def build_clients(self) -> list[Client]:
+    def build_clients(self) -> list[ClientBase]:
         """The K simulated clients of a one-machine run, each with its SLM and its partition."""
         cfg, split = self.cfg, self.split
         slms = cfg.clients.slms
@@ -261,6 +282,7 @@ class RunSession:
                 "seed": self.cfg.seed,
                 "dataset": self.cfg.data.dataset,
                 "labels": list(self.task.labels),
+                "task_kind": self.task.kind,
                 "task_description": self.task.description,
                 "task_wording": self.task.wording(),
                 "llm": self.cfg.llm.model,

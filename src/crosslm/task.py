@@ -15,6 +15,7 @@ Messages carry the label list and the model config, not task-specific fields.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 TASK_KINDS = ("classification", "generation")
@@ -43,8 +44,8 @@ class TaskSpec:
     classification_prompt: str
     """User message with {text} and {options}, answered by one of the verbalizer strings."""
     text_noun: str = "text"
-    """What one text is called. Generation: what an input is called, e.g. 'story'; capitalised, it marks
-    the input in the format the LLM writes pairs in ('Story: ...')."""
+    """What one text is called. Generation: what an input is called, e.g. 'story' (the target prompt reads
+    'Write the headline for this story:'; a leading 'Story:' in the LLM's answer is removed)."""
     kind: str = "classification"
     description: str = ""
     """What the texts are, in the task owner's words (`data.task_description`), e.g. 'movie reviews'."""
@@ -78,9 +79,9 @@ class TaskSpec:
         return self.labels
 
     def prompt_for(self, label: int) -> str:
-        """P(y) for label (or condition) `label`; a generation task's ends with its pair format."""
-        prompt = self.generation_prompt.format(description=self.descriptions[label])
-        return f"{prompt}\n{self.pair_format()}" if self.kind == "generation" else prompt
+        """P(y) for label (or condition) `label`: for a generation task, the prompt of a pair's input (the
+        LLM writes its target separately, as the answer to `target_prompt`)."""
+        return self.generation_prompt.format(description=self.descriptions[label])
 
     @property
     def input_marker(self) -> str:
@@ -91,16 +92,6 @@ class TaskSpec:
     def target_marker(self) -> str:
         """Generation: the word before the target, e.g. 'Headline' (also the causal SLMs' prompt marker)."""
         return marker(self.target_noun)
-
-    def pair_format(self) -> str:
-        """The answer format a generation prompt asks for: two marked lines, so an answer parses however the
-        task's own wording reads (a user's data.generation_prompt included)."""
-        return f"Use this format:\n{self.input_marker}: ...\n{self.target_marker}: ..."
-
-    def pair_text(self, text: str, target: str) -> str:
-        """A parsed pair written back in the pair format: the LLM's answer as the SLMs scored it, which is
-        what L_QG makes more or less likely under P(c) (crosslm.server.generation_update)."""
-        return f"{self.input_marker}: {text}\n{self.target_marker}: {target}"
 
     def target_prompt(self, text: str) -> str:
         """The user message that asks the LLM for the target of `text` (its L_task prompt, and the prompt
@@ -143,6 +134,10 @@ class LabelledTexts:
     def subset(self, idx: list[int]) -> LabelledTexts:
         return LabelledTexts([self.texts[i] for i in idx], [self.labels[i] for i in idx])
 
+    @classmethod
+    def concat(cls, parts: Sequence[LabelledTexts]) -> LabelledTexts:
+        return cls([t for p in parts for t in p.texts], [y for p in parts for y in p.labels])
+
     def label_counts(self, num_labels: int) -> list[int]:
         counts = [0] * num_labels
         for y in self.labels:
@@ -180,6 +175,11 @@ class GenerationPairs:
         return GenerationPairs(
             [self.inputs[i] for i in idx], [self.targets[i] for i in idx], [self.conditions[i] for i in idx]
         )
+
+    @classmethod
+    def concat(cls, parts: Sequence[GenerationPairs]) -> GenerationPairs:
+        return cls([x for p in parts for x in p.inputs], [y for p in parts for y in p.targets],
+                   [c for p in parts for c in p.conditions])  # fmt: skip
 
     def label_counts(self, num_labels: int) -> list[int]:
         """Examples per condition."""

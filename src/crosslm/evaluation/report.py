@@ -3,6 +3,9 @@
 Every event type and field may be missing (interrupted run, 0 server updates, older logs), so all
 lookups go through tolerant helpers and absent values render as "n/a" instead of raising: a report
 is most needed exactly when a run went wrong.
+
+A run is a classification or a generation task (run_start's task_kind). Both log events of the same
+shape under different metric keys, so every section takes its metric names from one `_Metrics`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +25,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 NA = "n/a"
-PLOTS = {
-    "slm_global_accuracy.png": "SLM global accuracy per server update",
-    "llm_accuracy.png": "LLM accuracy (raw / calibrated) per server update",
-    "synthetic_quality.png": "Synthetic data quality per server update",
-}
+SYNTHETIC_PLOT = "synthetic_quality.png"
 
 __all__ = ["write_report", "summary_table"]
 
@@ -104,6 +104,113 @@ def _md_table(headers: list[str], rows: list[list[Any]], align: str = "") -> str
     return "\n".join(lines)
 
 
+def _fmt2(x: Any) -> str:
+    return _fmt(x, 2)
+
+
+# --------------------------------------------------------------------------- the task kind's metrics
+
+
+@dataclass(frozen=True)
+class _Metrics:
+    """What a task kind measures and how the report names and prints it, so no section spells out
+    'accuracy'. The primary metric is higher-is-better, lies in [0, 1] and prints ×100 with one decimal."""
+
+    kind: str
+    primary: str  # key in the per-split metric dicts ("local", "global", "validation")
+    name: str  # in prose and titles
+    abbr: str  # in column headers
+    unit: str  # after a ×100 value in prose
+    scale: str  # what a ×100 column holds, in headers
+    points: str  # a difference of two ×100 values
+    secondary: str
+    secondary_abbr: str
+    secondary_pct: bool  # a fraction shown ×100, or a plain number (perplexity)
+    validation: str  # what a client's refusal is decided on
+    validation_name: str
+    validation_pct: bool
+    label: str  # what run_start's labels are
+    slm_note: str  # the SLM table's note on its units
+    llm_what: str  # what the LLM plot shows
+    llm_columns: tuple[tuple[str, str, Callable[[Any], str]], ...]  # header, llm_eval key, format
+
+    def secondary_fmt(self, x: Any) -> str:
+        return _pct(x) if self.secondary_pct else _fmt2(x)
+
+    def validation_fmt(self, x: Any) -> str:
+        return _pct(x) if self.validation_pct else _fmt2(x)
+
+    @property
+    def slm_plot(self) -> str:
+        return f"slm_global_{self.primary}.png"
+
+    @property
+    def llm_plot(self) -> str:
+        return f"llm_{self.primary}.png"
+
+    @property
+    def plots(self) -> dict[str, str]:
+        """Plot file name -> title, in the report's order."""
+        return {
+            self.slm_plot: f"SLM global {self.name} per server update",
+            self.llm_plot: f"LLM {self.llm_what} per server update",
+            SYNTHETIC_PLOT: "Synthetic data quality per server update",
+        }
+
+
+CLASSIFICATION = _Metrics(
+    kind="classification",
+    primary="accuracy",
+    name="accuracy",
+    abbr="acc",
+    unit=" %",
+    scale="%",
+    points="pp",
+    secondary="macro_f1",
+    secondary_abbr="F1",
+    secondary_pct=True,
+    validation="macro_f1",
+    validation_name="macro-F1",
+    validation_pct=False,
+    label="label",
+    slm_note="Accuracies and macro-F1 in %.",
+    llm_what="accuracy (raw / calibrated)",
+    llm_columns=(
+        ("raw acc", "raw_accuracy", _pct),
+        ("calibrated acc", "calibrated_accuracy", _pct),
+        ("raw macro-F1", "raw_macro_f1", _pct),
+        ("calibrated macro-F1", "calibrated_macro_f1", _pct),
+    ),
+)
+GENERATION = _Metrics(
+    kind="generation",
+    primary="rouge_l",
+    name="ROUGE-L",
+    abbr="ROUGE-L",
+    unit="",
+    scale="×100",
+    points="points",
+    secondary="target_perplexity",
+    secondary_abbr="target ppl",
+    secondary_pct=False,
+    validation="rouge_l",
+    validation_name="ROUGE-L",
+    validation_pct=True,
+    label="condition",
+    slm_note=(
+        "ROUGE-L F1 ×100 (higher is better); target ppl = per-token perplexity of the reference "
+        "targets (lower is better)."
+    ),
+    llm_what="ROUGE-L and target perplexity",
+    llm_columns=(
+        ("ROUGE-L", "rouge_l", _pct),
+        ("target perplexity", "target_perplexity", _fmt2),
+        ("distinct-2", "distinct_2", _fmt),
+    ),
+)
+METRICS = {m.kind: m for m in (CLASSIFICATION, GENERATION)}
+
+
 # --------------------------------------------------------------------------- event digestion
 
 
@@ -128,6 +235,18 @@ class _Run:
     def labels(self) -> list[str]:
         labels = self.run_start.get("labels")
         return [str(x) for x in labels] if isinstance(labels, list) else []
+
+    @property
+    def metrics(self) -> _Metrics:
+        """run_start's task_kind; a log without it is classification's unless its metrics say otherwise
+        (run_start lost from a truncated generation log)."""
+        kind = self.run_start.get("task_kind")
+        if kind in METRICS:
+            return METRICS[str(kind)]
+        generation = any("rouge_l" in e for e in self.llm_evals) or any(
+            isinstance(g := _get(e, "global"), dict) and "rouge_l" in g for e in self.trained
+        )
+        return GENERATION if kind is None and generation else CLASSIFICATION
 
     @property
     def interrupted(self) -> bool:
@@ -221,7 +340,7 @@ def _status(run: _Run) -> str:
 
 
 def _summary(run: _Run, config: dict[str, Any]) -> str:
-    rs = run.run_start
+    rs, m = run.run_start, run.metrics
     dataset = rs.get("dataset") or _get(config, "data", "name") or _get(config, "data", "dataset") or NA
     labels = ", ".join(run.labels) or NA
     llm = rs.get("llm") or _get(config, "llm", "name") or NA
@@ -237,15 +356,15 @@ def _summary(run: _Run, config: dict[str, Any]) -> str:
         wall = f"{_duration(run.last.get('wall'))} until the last logged event"
     task = f" — {rs['task_description']}" if rs.get("task_description") else ""
     text = _guards(run) + (
-        f"Dataset **{dataset}**{task} (labels: {labels}), seed {seed}. "
+        f"Dataset **{dataset}**{task} ({m.label}s: {labels}), seed {seed}. "
         f"{len(run.clients)} client(s): {clients}. Server LLM **{llm}**. "
         f"{run.n_updates} server update(s); wall time {wall}. Status: {_status(run)}."
     )
     text += _first_update(run)
-    m = rs.get("machine")
-    if isinstance(m, dict):
-        text += f"\n\nMachine: {describe_machine(m)}."
-    links = "\n".join(f"- [{title}](plots/{name})" for name, title in PLOTS.items())
+    machine = rs.get("machine")
+    if isinstance(machine, dict):
+        text += f"\n\nMachine: {describe_machine(machine)}."
+    links = "\n".join(f"- [{title}](plots/{name})" for name, title in m.plots.items())
     return f"{text}\n\nPlots:\n\n{links}"
 
 
@@ -271,7 +390,7 @@ def _guards(run: _Run) -> str:
         )
     refused = [e for e in run.enhanced if e.get("adopted") == 0]
     if refused:
-        items = ", ".join(_refusal(e) for e in refused)
+        items = ", ".join(_refusal(e, run.metrics) for e in refused)
         lines.append(
             f"**{len(refused)} of {len(run.enhanced)} enhanced SLMs refused** by their clients, which kept "
             f"their own weights: {items}."
@@ -279,24 +398,21 @@ def _guards(run: _Run) -> str:
     return "".join(f"{line}\n\n" for line in lines)
 
 
-def _refusal(e: dict[str, Any]) -> str:
+def _refusal(e: dict[str, Any], m: _Metrics) -> str:
+    val, key = m.validation, m.primary
     text = (
-        f"{e.get('client', NA)} at update {_int(e.get('update'))} (validation macro-F1 "
-        f"{_fmt(_get(e, 'before', 'validation', 'macro_f1'), 2)} → offered "
-        f"{_fmt(_get(e, 'offered', 'validation', 'macro_f1'), 2)}"
+        f"{e.get('client', NA)} at update {_int(e.get('update'))} (validation {m.validation_name} "
+        f"{m.validation_fmt(_get(e, 'before', 'validation', val))} → offered "
+        f"{m.validation_fmt(_get(e, 'offered', 'validation', val))}"
     )
     if e.get("worse_share") is not None:  # how sure the client was that the reply is worse
         text += f", worse in {_pct(e['worse_share'])} % of bootstrap draws"
-    if _get(e, "offered", "local", "accuracy") is not None:  # the client's own test split
-        text += (
-            f"; own test accuracy kept {_pct(_get(e, 'before', 'local', 'accuracy'))} %, offered "
-            f"{_pct(_get(e, 'offered', 'local', 'accuracy'))} %"
-        )
-    if _get(e, "offered", "global", "accuracy") is not None:  # a simulation's global split
-        text += (
-            f"; global accuracy kept {_pct(_get(e, 'before', 'global', 'accuracy'))} %, offered "
-            f"{_pct(_get(e, 'offered', 'global', 'accuracy'))} %"
-        )
+    for split, where in (("local", "own test"), ("global", "global")):  # a simulation has a global split
+        if _get(e, "offered", split, key) is not None:
+            text += (
+                f"; {where} {m.name} kept {_pct(_get(e, 'before', split, key))}{m.unit}, offered "
+                f"{_pct(_get(e, 'offered', split, key))}{m.unit}"
+            )
     return text + ")"
 
 
@@ -317,8 +433,11 @@ def _first_update(run: _Run) -> str:
         _num(first.get("ensemble_agreement")),
     )
     text = "\n\nFirst update: "
-    if q is not None and not math.isnan(q):
-        text += f"mean q {q:.2f} (chance {chance:.2f}); the SLM ensemble agrees with {_pct(agree)} % of the intended labels. "
+    if q is not None:
+        text += f"mean q {q:.2f}" + (f" (chance {chance:.2f})" if chance is not None else "")
+        if agree is not None:
+            text += f"; the SLM ensemble agrees with {_pct(agree)} % of the intended labels"
+        text += ". "
     text += "A few of its texts:\n"
     for label, texts in (first.get("samples_by_label") or {}).items():
         text += "".join(f"\n- {label}: {t!r}" for t in texts)
@@ -333,22 +452,22 @@ def _label_counts(info: dict[str, Any]) -> str:
 def _slm_section(run: _Run) -> str:
     if not run.clients:
         return "No clients were logged."
-    label_order = " / ".join(run.labels) if run.labels else "per label"
+    m = run.metrics
+    label_order = " / ".join(run.labels) if run.labels else f"per {m.label}"
     headers = [
         "client",
         "SLM",
         "train / test",
-        f"label counts ({label_order})",
-        "standalone local acc",
-        "standalone local F1",
-        "standalone global acc",
-        "standalone global F1",
-        "final local acc",
-        "final local F1",
-        "final global acc",
-        "final global F1",
-        "Δ global acc (pp)",
+        f"{m.label} counts ({label_order})",
+        *(
+            f"{stage} {split} {abbr}"
+            for stage in ("standalone", "final")
+            for split in ("local", "global")
+            for abbr in (m.abbr, m.secondary_abbr)
+        ),
+        f"Δ global {m.abbr} ({m.points})",
     ]
+    fmts = [_pct, m.secondary_fmt] * 4
     rows: list[list[Any]] = []
     cols: list[list[float | None]] = [[] for _ in range(8)]
     deltas: list[float | None] = []
@@ -357,14 +476,10 @@ def _slm_section(run: _Run) -> str:
         base = run.standalone(c) or {}
         fin = (run.final(c) or {}).get("after") or {}
         vals = [
-            _get(base, "local", "accuracy"),
-            _get(base, "local", "macro_f1"),
-            _get(base, "global", "accuracy"),
-            _get(base, "global", "macro_f1"),
-            _get(fin, "local", "accuracy"),
-            _get(fin, "local", "macro_f1"),
-            _get(fin, "global", "accuracy"),
-            _get(fin, "global", "macro_f1"),
+            _get(d, split, key)
+            for d in (base, fin)
+            for split in ("local", "global")
+            for key in (m.primary, m.secondary)
         ]
         for col, v in zip(cols, vals, strict=True):
             col.append(_num(v))
@@ -372,15 +487,19 @@ def _slm_section(run: _Run) -> str:
         deltas.append(None if b is None or f is None else f - b)
         size = f"{_int(info.get('train_size'))} / {_int(info.get('test_size'))}"
         rows.append(
-            [c, info.get("slm", NA), size, _label_counts(info), *map(_pct, vals), _pp(vals[2], vals[6])]
+            [c, info.get("slm", NA), size, _label_counts(info)]
+            + [f(v) for f, v in zip(fmts, vals, strict=True)]
+            + [_pp(vals[2], vals[6])]
         )
     means = [_mean(col) for col in cols]
     mean_delta = _mean(deltas)
     rows.append(
-        ["**mean**", "", "", "", *map(_pct, means), NA if mean_delta is None else f"{100 * mean_delta:+.1f}"]
+        ["**mean**", "", "", ""]
+        + [f(v) for f, v in zip(fmts, means, strict=True)]
+        + [NA if mean_delta is None else f"{100 * mean_delta:+.1f}"]
     )
     notes = (
-        "Accuracies and macro-F1 in %. *local* = the client's own test split, *global* = the shared "
+        f"{m.slm_note} *local* = the client's own test split, *global* = the shared "
         "test set. *Standalone* = round 1 (local training only); *final* = after the client's last "
         "enhancement (n/a if it was never enhanced). Means are over the clients that have a value; "
         "the mean Δ only over clients with both."
@@ -389,32 +508,52 @@ def _slm_section(run: _Run) -> str:
 
 
 def _enhanced_section(run: _Run) -> str:
+    """Before → after of each enhancement; a generation task also shows the global target perplexity,
+    which can worsen while ROUGE-L improves."""
     if not run.enhanced:
         return "No client was enhanced (no `enhanced` events)."
-    rows = [
-        [
-            _int(e.get("update")),
-            e.get("client", NA),
-            _arrow(_get(e, "before", "local", "accuracy"), _get(e, "after", "local", "accuracy")),
-            _arrow(_get(e, "before", "global", "accuracy"), _get(e, "after", "global", "accuracy")),
-            _pp(_get(e, "before", "global", "accuracy"), _get(e, "after", "global", "accuracy")),
-            "**refused**" if e.get("adopted") == 0 else "yes",
-        ]
-        for e in run.enhanced
-    ]
+    m = run.metrics
+    plain = not m.secondary_pct  # a secondary metric that is not a share gets its own column
+    rows = []
+    for e in run.enhanced:
+        local = (_get(e, "before", "local", m.primary), _get(e, "after", "local", m.primary))
+        glob = (_get(e, "before", "global", m.primary), _get(e, "after", "global", m.primary))
+        row = [_int(e.get("update")), e.get("client", NA), _arrow(*local), _arrow(*glob), _pp(*glob)]
+        if plain:
+            before, after = _get(e, "before", "global", m.secondary), _get(e, "after", "global", m.secondary)
+            row.append(f"{m.secondary_fmt(before)} → {m.secondary_fmt(after)}")
+        rows.append([*row, "**refused**" if e.get("adopted") == 0 else "yes"])
     headers = [
         "update",
         "client",
-        "local acc % before → after",
-        "global acc % before → after",
-        "Δ global (pp)",
+        f"local {m.abbr} {m.scale} before → after",
+        f"global {m.abbr} {m.scale} before → after",
+        f"Δ global ({m.points})",
+        *([f"global {m.secondary_abbr} before → after"] if plain else []),
         "adopted",
     ]
-    return _md_table(headers, rows, "rlrrrl")
+    return _md_table(headers, rows, "rlrrr" + "r" * plain + "l")
+
+
+def _llm_change(run: _Run, zs: dict[str, Any], fin: dict[str, Any]) -> str:
+    """Zero-shot → final of the LLM's headline numbers (the part after 'update N): ')."""
+    if run.metrics.kind == "generation":
+        return (
+            f"ROUGE-L {_arrow(zs.get('rouge_l'), fin.get('rouge_l'))} "
+            f"({_pp(zs.get('rouge_l'), fin.get('rouge_l'))} points), target perplexity "
+            f"{_fmt2(zs.get('target_perplexity'))} → {_fmt2(fin.get('target_perplexity'))}"
+        )
+    return (
+        f"raw accuracy {_arrow(zs.get('raw_accuracy'), fin.get('raw_accuracy'))} "
+        f"({_pp(zs.get('raw_accuracy'), fin.get('raw_accuracy'))} pp), calibrated "
+        f"{_arrow(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))} "
+        f"({_pp(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))} pp)"
+    )
 
 
 def _llm_section(run: _Run) -> str:
     parts = []
+    columns = run.metrics.llm_columns
     if run.llm_evals:
         rows = []
         for e in sorted(run.llm_evals, key=lambda e: _num(e.get("update")) or 0):
@@ -422,23 +561,16 @@ def _llm_section(run: _Run) -> str:
             rows.append(
                 [
                     f"{upd} (zero-shot)" if e.get("update") == 0 else upd,
-                    _pct(e.get("raw_accuracy")),
-                    _pct(e.get("calibrated_accuracy")),
-                    _pct(e.get("raw_macro_f1")),
-                    _pct(e.get("calibrated_macro_f1")),
+                    *(fmt(e.get(key)) for _, key, fmt in columns),
                     _int(e.get("n")),
                 ]
             )
-        headers = ["update", "raw acc", "calibrated acc", "raw macro-F1", "calibrated macro-F1", "n"]
-        parts.append(_md_table(headers, rows, "lrrrrr"))
+        headers = ["update", *(header for header, _, _ in columns), "n"]
+        parts.append(_md_table(headers, rows, "l" + "r" * (len(columns) + 1)))
         zs, fin = run.llm_zero_shot(), run.llm_final()
         if zs and fin:
             parts.append(
-                f"Zero-shot → final (update {_int(fin.get('update'))}): raw accuracy "
-                f"{_arrow(zs.get('raw_accuracy'), fin.get('raw_accuracy'))} "
-                f"({_pp(zs.get('raw_accuracy'), fin.get('raw_accuracy'))} pp), calibrated "
-                f"{_arrow(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))} "
-                f"({_pp(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))} pp)."
+                f"Zero-shot → final (update {_int(fin.get('update'))}): {_llm_change(run, zs, fin)}."
             )
     else:
         parts.append("No LLM evaluation was logged.")
@@ -482,6 +614,10 @@ def _tau(run: _Run, config: dict[str, Any]) -> float | None:
 
 
 def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
+    """One row per server update; a generation task also counts the pairs dropped as unparsable or
+    repeated, the first thing to check when few pairs are kept."""
+    m = run.metrics
+    dropped = m.kind == "generation"
     tau = _tau(run, config)
     tau_txt = f"{tau:g}" if tau is not None else NA
     if not run.updates:
@@ -505,6 +641,7 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
                 ", ".join(map(str, trig)) if isinstance(trig, list) and trig else NA,
                 _int(u.get("generated")),
                 _int(u.get("kept")),
+                *([_int(u.get("malformed")), _int(u.get("duplicates"))] if dropped else []),
                 _fmt(u.get("mean_q")),
                 _pct(u.get("share_q_ge_tau")),
                 splus,
@@ -522,10 +659,11 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
         "trigger clients",
         "generated",
         "kept",
+        *(["malformed", "duplicates"] if dropped else []),
         "mean q",
         f"share q ≥ τ (%, τ={tau_txt})",
-        "S+ size (per label)",
-        "distilled (per label)",
+        f"S+ size (per {m.label})",
+        f"distilled (per {m.label})",
         "distinct-2",
         "loss",
         "staleness",
@@ -533,7 +671,7 @@ def _synthetic_section(run: _Run, config: dict[str, Any]) -> str:
         "gen tok/s",
         "seconds",
     ]
-    return _md_table(headers, rows, "rlrrrrrrrlllrr")
+    return _md_table(headers, rows, "rlrr" + "rr" * dropped + "rrrrrlllrr")
 
 
 def _async_section(run: _Run) -> str:
@@ -604,7 +742,7 @@ def _save(fig: Figure, ax: Any, path: Path, empty_msg: str | None) -> None:
     if empty_msg is not None:
         ax.set_axis_off()
         ax.text(0.5, 0.5, empty_msg, ha="center", va="center", transform=ax.transAxes, wrap=True)
-    elif ax.get_legend_handles_labels()[0]:
+    elif ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -614,15 +752,16 @@ def _save(fig: Figure, ax: Any, path: Path, empty_msg: str | None) -> None:
 
 
 def _plot_slm(run: _Run, path: Path) -> None:
-    fig, ax = _new_fig("Client SLM accuracy on the global test set", "global accuracy (%)")
+    m = run.metrics
+    fig, ax = _new_fig(f"Client SLM {m.name} on the global test set", f"global {m.name} ({m.scale})")
     drawn = False
     for c in run.clients:
         pts: list[tuple[float, float]] = []
-        base = _num(_get(run.standalone(c), "global", "accuracy"))
+        base = _num(_get(run.standalone(c), "global", m.primary))
         if base is not None:
             pts.append((0.0, 100 * base))
         for e in run.enhanced:
-            x, y = _num(e.get("update")), _num(_get(e, "after", "global", "accuracy"))
+            x, y = _num(e.get("update")), _num(_get(e, "after", "global", m.primary))
             if e.get("client") == c and x is not None and y is not None:
                 pts.append((x, 100 * y))
         if pts:
@@ -630,19 +769,42 @@ def _plot_slm(run: _Run, path: Path) -> None:
             slm = run.client_info[c].get("slm")
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{c} ({slm})" if slm else c)
             drawn = True
-    _save(fig, ax, path, None if drawn else "no client accuracy logged (run interrupted?)")
+    _save(fig, ax, path, None if drawn else f"no client {m.name} logged (run interrupted?)")
+
+
+def _series(evals: list[dict[str, Any]], key: str, scale: float) -> list[tuple[float, float]]:
+    pts = [(_num(e.get("update")), _num(e.get(key))) for e in evals]
+    return [(x, scale * y) for x, y in pts if x is not None and y is not None]
 
 
 def _plot_llm(run: _Run, path: Path) -> None:
-    fig, ax = _new_fig("Server LLM accuracy (update 0 = zero-shot)", "accuracy (%)")
+    """Classification: raw and calibrated accuracy. Generation: ROUGE-L, with the target perplexity on a
+    second axis since it is on another scale and lower is better."""
+    m = run.metrics
+    fig, ax = _new_fig(f"Server LLM {m.llm_what} (update 0 = zero-shot)", f"{m.name} ({m.scale})")
     evals = sorted(run.llm_evals, key=lambda e: _num(e.get("update")) or 0)
     drawn = False
-    for key, label in (("raw_accuracy", "raw"), ("calibrated_accuracy", "calibrated")):
-        pts = [(_num(e.get("update")), _num(e.get(key))) for e in evals]
-        xy = [(x, 100 * y) for x, y in pts if x is not None and y is not None]
-        if xy:
+    series = (
+        (("rouge_l", "ROUGE-L"),)
+        if m.kind == "generation"
+        else (("raw_accuracy", "raw"), ("calibrated_accuracy", "calibrated"))
+    )
+    for key, label in series:
+        if xy := _series(evals, key, 100.0):
             ax.plot(*zip(*xy, strict=True), marker="o", label=label)
             drawn = True
+    if m.kind == "generation" and (xy := _series(evals, "target_perplexity", 1.0)):
+        right = ax.twinx()
+        right.set_ylabel("target perplexity (lower is better)")
+        right.plot(
+            *zip(*xy, strict=True), marker="s", linestyle="--", color="tab:red", label="target perplexity"
+        )
+        handles, labels = ax.get_legend_handles_labels()
+        more, more_labels = right.get_legend_handles_labels()
+        ax.legend(handles + more, labels + more_labels, fontsize="small")
+        ax.set_zorder(right.get_zorder() + 1)  # the legend above the second axis's line
+        ax.patch.set_visible(False)
+        drawn = True
     _save(fig, ax, path, None if drawn else "no LLM evaluation logged")
 
 
@@ -672,11 +834,12 @@ def write_report(run_dir: Path, events: list[dict], config: dict) -> Path:
     run_dir = Path(run_dir)
     config = config if isinstance(config, dict) else {}
     run = _digest(events or [])
+    m = run.metrics
     plots = run_dir / "plots"
     tau = _tau(run, config)
-    _plot_slm(run, plots / "slm_global_accuracy.png")
-    _plot_llm(run, plots / "llm_accuracy.png")
-    _plot_synthetic(run, tau, plots / "synthetic_quality.png")
+    _plot_slm(run, plots / m.slm_plot)
+    _plot_llm(run, plots / m.llm_plot)
+    _plot_synthetic(run, tau, plots / SYNTHETIC_PLOT)
 
     dataset = run.run_start.get("dataset") or "run"
     sections = [
@@ -693,7 +856,7 @@ def write_report(run_dir: Path, events: list[dict], config: dict) -> Path:
         "## Asynchrony",
         _async_section(run),
         "## Plots",
-        "\n\n".join(f"![{title}](plots/{name})" for name, title in PLOTS.items()),
+        "\n\n".join(f"![{title}](plots/{name})" for name, title in m.plots.items()),
         "## Configuration",
         "<details><summary>resolved config</summary>\n\n```json\n"
         + json.dumps(config, indent=2, sort_keys=True, default=str)
@@ -707,12 +870,13 @@ def write_report(run_dir: Path, events: list[dict], config: dict) -> Path:
 def summary_table(events: list[dict]) -> str:
     """A compact fixed-width summary for the terminal: the headline numbers without opening the report."""
     run = _digest(events or [])
-    rows = [["client", "SLM", "standalone", "final", "Δ pp"]]
+    m = run.metrics
+    rows = [["client", "SLM", "standalone", "final", f"Δ {m.points}"]]
     base_all: list[float | None] = []
     fin_all: list[float | None] = []
     for c in run.clients:
-        b = _get(run.standalone(c), "global", "accuracy")
-        f = _get((run.final(c) or {}).get("after"), "global", "accuracy")
+        b = _get(run.standalone(c), "global", m.primary)
+        f = _get((run.final(c) or {}).get("after"), "global", m.primary)
         base_all.append(_num(b))
         fin_all.append(_num(f))
         rows.append([c, str(run.client_info[c].get("slm", NA)), _pct(b), _pct(f), _pp(b, f)])
@@ -721,17 +885,23 @@ def summary_table(events: list[dict]) -> str:
         mean_delta = NA if not deltas else f"{100 * sum(deltas) / len(deltas):+.1f}"
         rows.append(["mean", "", _pct(_mean(base_all)), _pct(_mean(fin_all)), mean_delta])
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["Client SLMs, global test accuracy (%)"]
+    lines = [f"Client SLMs, global test {m.name} ({m.scale})"]
     for r in rows:
         left = "  ".join(r[i].ljust(widths[i]) for i in range(2))
         right = "  ".join(r[i].rjust(widths[i]) for i in range(2, 5))
         lines.append(f"  {left}  {right}".rstrip())
     zs, fin = run.llm_zero_shot() or {}, run.llm_final() or {}
     fin_upd = f" (update {_int(fin.get('update'))})" if fin else ""
-    lines.append(
-        f"LLM accuracy (%), zero-shot → final{fin_upd}: raw {_arrow(zs.get('raw_accuracy'), fin.get('raw_accuracy'))}"
-        f", calibrated {_arrow(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))}"
-    )
+    if m.kind == "generation":
+        lines.append(
+            f"LLM zero-shot → final{fin_upd}: ROUGE-L (×100) {_arrow(zs.get('rouge_l'), fin.get('rouge_l'))}"
+            f", target perplexity {_fmt2(zs.get('target_perplexity'))} → {_fmt2(fin.get('target_perplexity'))}"
+        )
+    else:
+        lines.append(
+            f"LLM accuracy (%), zero-shot → final{fin_upd}: raw {_arrow(zs.get('raw_accuracy'), fin.get('raw_accuracy'))}"
+            f", calibrated {_arrow(zs.get('calibrated_accuracy'), fin.get('calibrated_accuracy'))}"
+        )
     s = (run.ppl("start") or {}).get("perplexity")
     e = (run.ppl("end") or {}).get("perplexity")
     lines.append(f"LLM held-out perplexity: {_fmt(s, 2)} → {_fmt(e, 2)} ({_rel_change(s, e)})")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crosslm import interrupts
-from crosslm.client.client import Client
+from crosslm.client.client import ClientBase
 from crosslm.config import ClientConfig, FederationConfig
 from crosslm.progress import progress
 from crosslm.protocol import WireMessage
@@ -35,7 +35,7 @@ class _Event:
 class InProcessRuntime:
     def __init__(
         self,
-        clients: list[Client],
+        clients: list[ClientBase],
         server: CrossLMServer,
         clients_cfg: ClientConfig,
         fed: FederationConfig,

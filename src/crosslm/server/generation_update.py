@@ -9,7 +9,8 @@ comparable across clients of different depths, so each client's scores become pe
 ensemble averages them into q in [0, 1], which L_QG uses as it is.
 
 These steps are functions with their own tests; `generation_update` runs them in sequence on explicit
-objects. The run loop (server.py, the protocol, the runtimes) does not call them yet.
+objects, and `crosslm_generation_update` is the server's update for a generation task (server.py's UPDATES):
+it runs them on the server's registry and pool, logs what happened and encodes the replies.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from crosslm import precision
+from crosslm.catalogue.datasets import cut_at_word
 from crosslm.config import DistillConfig, GenerationConfig, RunConfig, TuneConfig
+from crosslm.evaluation.generation import distinct_2, rouge_l_scores
 from crosslm.modeling.causal_slm import (
     PairFormat,
     encode_pairs,
@@ -41,6 +44,7 @@ from crosslm.modeling.llm_text import (
     truncate_text,
     user_prompt_ids,
 )
+from crosslm.modeling.metrics import distinct_n
 from crosslm.progress import note, progress
 from crosslm.seeding import own_rng, pass_seed
 from crosslm.server.decoding import SnapshotCache, sample_tokens, sampling_snapshot
@@ -48,17 +52,20 @@ from crosslm.server.feedback import ClientModel, staleness_weights
 from crosslm.server.generate import GenerationStats, clean_sample, content_hash, sample_answers
 from crosslm.server.losses import qg_weights
 from crosslm.server.tune_llm import QGItem, tune_steps
-from crosslm.server.update import balanced_weights
-from crosslm.task import TaskSpec
+from crosslm.server.update import PhaseTimer, balanced_weights, staleness
+from crosslm.task import GenerationPairs, TaskSpec
 
-DROP_REASONS = ("no_marker", "empty_target", "truncated", "target_too_long", "too_short", "duplicate")
-"""Why a generated answer is not kept as a pair, in the order the checks run:
-no_marker       no '{Target}:' line (after the '{Input}:' line, when there is one);
-empty_target    the marker is followed by nothing;
-truncated       the token budget ran out on the target's line: the target may be cut;
+if TYPE_CHECKING:
+    from crosslm.protocol import WireMessage
+    from crosslm.server.server import CrossLMServer
+
+DROP_REASONS = ("too_short", "empty_target", "truncated", "target_too_long", "duplicate")
+"""Why a generated story is not kept as a pair, in the order the checks run:
+too_short       the story has fewer than generation.min_words words once cleaned;
+empty_target    the LLM's target for it is empty;
+truncated       the token budget ran out on the target's line: it may be cut;
 target_too_long the target is longer than data.max_target_chars (real targets longer are refused too);
-too_short       the input has fewer than generation.min_words words;
-duplicate       the input or the target was written before (this update or an earlier one)."""
+duplicate       the story or the target was written before (this update or an earlier one)."""
 
 
 # -- 1. pairs ---------------------------------------------------------------------------------------------
@@ -75,14 +82,7 @@ class GeneratedPair:
 @dataclass
 class PairStats(GenerationStats):
     dropped: dict[str, int] = field(default_factory=dict)
-    """Answers not kept, by reason (DROP_REASONS; every reason present, 0 when none)."""
-
-
-@dataclass(frozen=True)
-class ParsedPair:
-    input: str = ""
-    target: str = ""
-    reason: str = ""  # one of DROP_REASONS when the answer does not give a pair (duplicate: decided later)
+    """Stories not kept as pairs, by reason (DROP_REASONS; every reason present, 0 when none)."""
 
 
 _QUOTE_PAIRS = {'""', "''", "\u201c\u201d", "\u2018\u2019"}
@@ -101,40 +101,18 @@ def marker_pattern(word: str) -> re.Pattern[str]:
     return re.compile(rf"^[ \t*#>_-]*{re.escape(word)}[ \t*_]*:[ \t*_]*", re.IGNORECASE | re.MULTILINE)
 
 
-def parse_pair(
-    answer: str, task: TaskSpec, *, finished: bool, min_words: int, max_target_chars: int
-) -> ParsedPair:
-    """The (input, target) of one answer in the task's pair format ('Story: ...\\nHeadline: ...').
-
-    The input is the text between the input marker and the target marker; without an input marker, the
-    text before the target marker less a preamble line ending in ':' ("Here is a story:"). The target is
-    the rest of the target marker's line (or the next non-empty line when that is empty), one line; text
-    after it is ignored. `finished` = the answer ended with its end-of-sequence token: if not, a target on
-    the answer's last line may have been cut by the token budget."""
+def clean_story(answer: str, task: TaskSpec, *, truncated: bool, min_words: int, max_chars: int) -> str:
+    """The input of a pair from the LLM's answer to P(c): a leading '{Input}:' marker and anything from a
+    '{Target}:' line on removed (the LLM writes the target separately), cleaned as a classification sample
+    is (a preamble line ending in ':' dropped, an unfinished last sentence cut), then cut at a word to
+    `max_chars` (data.max_input_chars) as the real inputs are; '' when under `min_words` words."""
     text = answer.strip()
+    end = marker_pattern(task.target_marker).search(text)
+    text = text[: end.start()] if end else text
     start = marker_pattern(task.input_marker).search(text)
-    after = start.end() if start else 0
-    end = marker_pattern(task.target_marker).search(text, after)
-    if end is None:
-        return ParsedPair(reason="no_marker")
-    lines = [ln for ln in text[end.end() :].split("\n") if ln.strip()]
-    if not lines or marker_pattern(task.input_marker).match(lines[0]):
-        return ParsedPair(reason="empty_target")
-    target = clean_line(lines[0])
-    if not target:
-        return ParsedPair(reason="empty_target")
-    if not finished and len(lines) == 1:  # the budget ran out on the target's line
-        return ParsedPair(reason="truncated")
-    if len(target) > max_target_chars:
-        return ParsedPair(reason="target_too_long")
-    head = text[after : end.start()]
-    source = (
-        " ".join(clean_sample(head, False, min_words).split()) if start is None else " ".join(head.split())
-    )
-    source = clean_line(source)
-    if len(source.split()) < min_words:
-        return ParsedPair(reason="too_short")
-    return ParsedPair(source, target)
+    text = clean_line(clean_sample(text[start.end() :] if start else text, truncated, min_words))
+    text = cut_at_word(text, max_chars) if max_chars else text
+    return text if len(text.split()) >= min_words else ""
 
 
 def pair_keys(source: str, target: str) -> tuple[str, str]:
@@ -144,6 +122,30 @@ def pair_keys(source: str, target: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
+def write_targets(
+    snapshot: Any, tokenizer: Any, task: TaskSpec, inputs: Sequence[str], *, max_new_tokens: int,
+    max_text_tokens: int, batch_size: int = 16,
+) -> list[tuple[str, bool]]:  # fmt: skip
+    """The LLM's greedy target for each input as its answer to `target_prompt` (L_task's prompt): the
+    answer's first non-empty line, a leading '{Target}:' and quotes removed, with whether that line was
+    finished (a later line or the end-of-sequence token followed it) rather than cut by the token budget.
+    Batched by similar prompt length."""
+    prompts = [target_prompt_ids(tokenizer, task, x, max_text_tokens) for x in inputs]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[tuple[str, bool]] = [("", True)] * len(prompts)
+    prefix = marker_pattern(task.target_marker)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        rows = sample_tokens(snapshot, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                             temperature=1.0, top_p=1.0, eos_id=tokenizer.eos_token_id,
+                             pad_id=tokenizer.pad_token_id, greedy=True)  # fmt: skip
+        for i, row in zip(idx, rows, strict=True):
+            lines = [ln for ln in tokenizer.decode(row, skip_special_tokens=True).split("\n") if ln.strip()]
+            finished = tokenizer.eos_token_id in row or len(lines) > 1
+            out[i] = (clean_line(prefix.sub("", lines[0], count=1)) if lines else "", finished)
+    return out
+
+
 def generate_pairs(
     model: Any,
     tokenizer: Any,
@@ -152,33 +154,58 @@ def generate_pairs(
     *,
     seen: set[str],
     seed: int,
+    max_input_chars: int,
     max_target_chars: int,
+    max_target_tokens: int,
+    max_text_tokens: int,
     snapshots: SnapshotCache | None = None,
 ) -> tuple[list[GeneratedPair], PairStats]:
-    """cfg.samples_per_label answers to each condition's prompt P(c) (`TaskSpec.prompt_for`: the task's
-    wording and its pair format), sampled as classification samples are (`sample_answers`), parsed into
-    pairs and cleaned; `seen` (pair_keys) is updated in place. The stats count what was dropped and why."""
+    """The LLM writes pairs in two steps: cfg.samples_per_label stories for each condition's prompt P(c)
+    (`TaskSpec.prompt_for`), sampled as classification samples are (`sample_answers`) and cleaned
+    (`clean_story`); then the target of each story, greedily, as its answer to `target_prompt`, the prompt
+    it is tuned (L_task) and evaluated with (`write_targets`). Two short instructions are followed where
+    one asking for both in a format is not: SmolLM2-135M-Instruct wrote the format in none of 15 answers.
+    `seen` (pair_keys) is updated in place; the stats count what was dropped and why."""
     device = precision.model_device(model)
     dtype = precision.resolve_dtype(cfg.dtype, device)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     with own_rng(seed, device):  # every draw from `seed` alone; the global RNG is left as it was
         t0 = time.perf_counter()
         snapshot = sampling_snapshot(model, dtype, snapshots)
         jobs = [c for c in range(task.num_labels) for _ in range(cfg.samples_per_label)]
         prompts = {c: user_prompt_ids(tokenizer, task.prompt_for(c)) for c in range(task.num_labels)}
-        rows = sample_answers(snapshot, tokenizer, [prompts[c] for c in jobs], cfg, desc="generate pairs")
-    dropped = dict.fromkeys(DROP_REASONS, 0)
+        rows = sample_answers(snapshot, tokenizer, [prompts[c] for c in jobs], cfg, desc="generate stories")
+        stories: list[tuple[int, str]] = []
+        for c, row in zip(jobs, rows, strict=True):
+            story = clean_story(tokenizer.decode(row, skip_special_tokens=True), task,
+                                truncated=tokenizer.eos_token_id not in row, min_words=cfg.min_words,
+                                max_chars=max_input_chars)  # fmt: skip
+            if not story:
+                dropped["too_short"] += 1
+            elif content_hash(story) in seen or any(
+                content_hash(story) == content_hash(x) for _, x in stories
+            ):
+                dropped["duplicate"] += 1
+            else:
+                stories.append((c, story))
+        targets = write_targets(snapshot, tokenizer, task, [x for _, x in stories],
+                                max_new_tokens=max_target_tokens, max_text_tokens=max_text_tokens,
+                                batch_size=cfg.batch_size)  # fmt: skip
     kept: list[GeneratedPair] = []
-    for c, row in zip(jobs, rows, strict=True):
-        parsed = parse_pair(tokenizer.decode(row, skip_special_tokens=True), task,
-                            finished=tokenizer.eos_token_id in row, min_words=cfg.min_words,
-                            max_target_chars=max_target_chars)  # fmt: skip
-        keys = pair_keys(parsed.input, parsed.target)
-        reason = parsed.reason or ("duplicate" if any(k in seen for k in keys) else "")
+    for (c, story), (target, finished) in zip(stories, targets, strict=True):
+        keys = pair_keys(story, target)
+        reason = (
+            "empty_target" if not target
+            else "truncated" if not finished
+            else "target_too_long" if len(target) > max_target_chars
+            else "duplicate" if any(k in seen for k in keys)
+            else ""
+        )  # fmt: skip
         if reason:
             dropped[reason] += 1
             continue
         seen.update(keys)
-        kept.append(GeneratedPair(parsed.input, parsed.target, c, keys[0]))
+        kept.append(GeneratedPair(story, target, c, keys[0]))
     tokens = sum(len(r) for r in rows)
     stats = PairStats(len(jobs), len(kept), tokens, time.perf_counter() - t0, precision.dtype_name(dtype),
                       dropped=dropped)  # fmt: skip
@@ -315,10 +342,10 @@ def tune_generation_adapter(
     seed: int,
 ) -> dict[str, float]:
     """One generation update's adapter tuning (`tune_steps`, the loop classification shares).
-    `generated` = this update's pairs as (input, target, condition, q); L_QG and L_PR read each as the
-    LLM's answer to P(condition), written back in the pair format (`TaskSpec.pair_text`): the parts the
-    SLMs scored, in the format the LLM was asked for. `good` = S+ as (input, target): L_task tunes the LLM
-    to write each target from its input. tune.qg_form 'centred' has no unlikelihood term here (there is no
+    `generated` = this update's pairs as (input, target, condition, q); L_QG and L_PR read each pair as the
+    two answers the LLM wrote it with (`generate_pairs`), both weighted by the pair's q: the story as its
+    answer to P(condition), the target as its answer to `target_prompt(story)`. `good` = S+ as (input,
+    target): L_task tunes the LLM to write each target from its input. tune.qg_form 'centred' has no unlikelihood term here (there is no
     other label for the SLMs to read a pair as). Returns the mean of each loss term over the steps."""
     if cfg.steps == 0 or not generated:
         return {"total": 0.0, "qg": 0.0, "task": 0.0, "pr": 0.0}
@@ -329,8 +356,17 @@ def tune_generation_adapter(
     )
     prompts = {c: user_prompt_ids(tokenizer, task.prompt_for(c)) for c in range(task.num_labels)}
     items = [
-        QGItem(prompts[c], answer_ids(tokenizer, task.pair_text(x, y)), float(a), float(b))
+        item
         for (x, y, c, _), a, b in zip(generated, up, down, strict=True)
+        for item in (
+            QGItem(prompts[c], answer_ids(tokenizer, x), float(a), float(b)),
+            QGItem(
+                target_prompt_ids(tokenizer, task, x, max_text_tokens),
+                answer_ids(tokenizer, y),
+                float(a),
+                float(b),
+            ),
+        )
     ]
 
     def task_step(rng: Any, amp: Any) -> torch.Tensor | None:
@@ -514,7 +550,6 @@ def distil_pairs(
 # -- 5. the LLM as a target writer, for evaluation ------------------------------------------------------
 
 
-@torch.no_grad()
 def llm_targets(
     model: Any,
     tokenizer: Any,
@@ -527,24 +562,11 @@ def llm_targets(
     snapshots: SnapshotCache | None = None,
     batch_size: int = 16,
 ) -> list[str]:
-    """The LLM's greedy target for each input, written as the answer to `target_prompt` (L_task's prompt),
-    on a sampling snapshot (adapter merged in): its first non-empty line, a leading '{Target}:' and quotes
-    removed. Batched by similar prompt length. ROUGE-L against references: crosslm.evaluation.generation."""
+    """The LLM's greedy target for each input (`write_targets`) on a sampling snapshot (adapter merged in).
+    ROUGE-L against references: crosslm.evaluation.generation."""
     snapshot = sampling_snapshot(model, dtype, snapshots)
-    prompts = [target_prompt_ids(tokenizer, task, x, max_text_tokens) for x in inputs]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [""] * len(prompts)
-    prefix = marker_pattern(task.target_marker)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        rows = sample_tokens(snapshot, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                             temperature=1.0, top_p=1.0, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id, greedy=True)  # fmt: skip
-        for i, row in zip(idx, rows, strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            line = next((ln for ln in text.split("\n") if ln.strip()), "")
-            out[i] = clean_line(prefix.sub("", line, count=1))
-    return out
+    return [t for t, _ in write_targets(snapshot, tokenizer, task, inputs, max_new_tokens=max_new_tokens,
+                                        max_text_tokens=max_text_tokens, batch_size=batch_size)]  # fmt: skip
 
 
 @torch.no_grad()
@@ -617,8 +639,10 @@ def generation_update(
     """Update `u`: the LLM writes pairs into `pool` (in place), the SLMs of `models` score the whole pool,
     the LLM's adapter is tuned, and each trigger's SLM is distilled (a copy) on S+ with the LLM as teacher."""
     pairs, stats = generate_pairs(llm, tokenizer, task, cfg.generation, seen=seen,
-                                  seed=pass_seed(cfg.seed, "generate", u),
-                                  max_target_chars=cfg.data.max_target_chars, snapshots=snapshots)  # fmt: skip
+                                  seed=pass_seed(cfg.seed, "generate", u), max_input_chars=cfg.data.max_input_chars,
+                                  max_target_chars=cfg.data.max_target_chars,
+                                  max_target_tokens=cfg.generation_task.max_target_tokens,
+                                  max_text_tokens=cfg.llm.max_text_tokens, snapshots=snapshots)  # fmt: skip
     pool += [SyntheticPair(p.input, p.target, p.condition, p.hash, u, u - 1) for p in pairs]
     new = range(len(pool) - len(pairs), len(pool))
     fmt, gt = pair_format(cfg, task), cfg.generation_task
@@ -653,3 +677,96 @@ def generation_update(
             top_k=gt.kd_top_k, desc=f"distil {cid}",
         )  # fmt: skip
     return GenerationUpdate(new, stats, feedback, good, losses, students, distilled)
+
+
+# -- the server's update ----------------------------------------------------------------------------------
+
+
+def crosslm_generation_update(
+    server: CrossLMServer, triggers: list[str], u: int
+) -> list[tuple[str, WireMessage]]:
+    """Update `u` of a generation run on the server's registry and pair pool: `generation_update`, then the
+    logs (every new pair to synthetic.jsonl, a `server_update` and a `distilled` event), the LLM's
+    evaluation after its adapter changed, and each trigger's distilled SLM encoded as its reply."""
+    timer = PhaseTimer()
+    cfg = server.cfg
+    res = generation_update(server.llm, server.tokenizer, server.task, cfg, server.models, triggers, pool=server.pairs,
+                            seen=server.seen, u=u, snapshots=server.snapshots)  # fmt: skip
+    timer("update")
+    if res.losses.get("total") and cfg.tune.steps > 0:  # the adapter changed
+        server.evaluate_llm(u)
+    timer("evaluate_llm")
+    pool, labels = server.pairs, server.task.labels
+    q = res.feedback.q if res.feedback is not None else torch.ones(len(pool))
+    versions = {m.client_id: m.round for m in server.models.values()}
+    for i in res.new:
+        p = pool[i]
+        server.log_synthetic({"input": p.input, "target": p.target, "label": labels[p.condition],
+                              "q": float(q[i]) if res.feedback is not None else None,
+                              **({"slm_loglik": {cid: float(v[i]) for cid, v in res.feedback.loglik.items()}}
+                                 if res.feedback is not None else {}),
+                              "update": u, "llm_version": p.llm_version, "slm_versions": versions,
+                              "hash": p.hash})  # fmt: skip
+    gt = cfg.generation_task
+    tau = gt.tau if res.feedback is not None else 0.0
+    new_q = q[list(res.new)] if len(res.new) else torch.zeros(0)
+    flat = sorted(i for per in res.good for i in per)
+    weights = res.feedback.weights if res.feedback is not None else {}
+    event = {
+        "event": "server_update",
+        "update": u,
+        "mode": "crosslm",
+        "trigger_clients": list(triggers),
+        "weights": weights,
+        "staleness": staleness(server, u),
+        "generated": res.stats.generated,
+        "kept": res.stats.kept,
+        "malformed": sum(n for r, n in res.stats.dropped.items() if r != "duplicate"),  # unusable as a pair
+        "duplicates": res.stats.dropped.get("duplicate", 0),
+        "dropped": res.stats.dropped,
+        "gen_tokens_per_s": res.stats.tokens_per_s,
+        "gen_dtype": res.stats.dtype,
+        "distinct2": distinct_n([pool[i].target for i in res.new], 2),
+        "mean_q": float(new_q.mean()) if len(new_q) and res.feedback is not None else float("nan"),
+        "tau": tau,
+        "share_q_ge_tau": float((new_q >= tau).float().mean()) if len(new_q) else float("nan"),
+        "pool_size": len(pool),
+        "splus_size": len(flat),
+        "splus_per_label": [len(per) for per in res.good],
+        "distilled_size": len(flat),
+        "distilled_per_label": [len(per) for per in res.good],
+        "token_kd": {cid: r.token_kd for cid, r in res.distilled.items()},
+        "loss": res.losses,
+        "seconds": timer.seconds,
+        "phase_seconds": timer.phases,
+    }
+    server.log(event)
+    server.log({"event": "distilled", "update": u, "clients": list(triggers),
+                "hashes": [pool[i].hash for i in flat], "labels": [pool[i].condition for i in flat]})  # fmt: skip
+    replies = []
+    for cid in triggers:
+        student = res.students[cid]
+        replies.append((cid, server.reply(cid, student, student.state_dict(), u)))
+    return replies
+
+
+def evaluate_llm_generation(server: CrossLMServer, update: int) -> dict[str, Any]:
+    """The LLM as a headline writer on the server's evaluation pairs: ROUGE-L F1 of its greedy targets,
+    its per-token perplexity of the reference targets and the distinct-2 of what it wrote."""
+    cfg, data = server.cfg, server.llm_eval_data
+    assert isinstance(data, GenerationPairs)
+    dtype = precision.resolve_dtype(cfg.eval.llm_dtype, server.device)
+    outputs = llm_targets(server.llm, server.tokenizer, server.task, data.inputs,
+                          max_new_tokens=cfg.generation_task.max_target_tokens,
+                          max_text_tokens=cfg.llm.max_text_tokens, dtype=dtype, snapshots=server.snapshots,
+                          batch_size=cfg.eval.batch_size)  # fmt: skip
+    scores = rouge_l_scores(outputs, data.targets)
+    ppl = llm_target_perplexity(server.eval_model(), server.tokenizer, server.task, data.inputs, data.targets,
+                                max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size)  # fmt: skip
+    event = {"event": "llm_eval", "update": update, "dtype": precision.dtype_name(dtype),
+             "rouge_l": sum(scores) / len(scores) if scores else float("nan"), "target_perplexity": ppl,
+             "distinct_2": distinct_2(outputs), "n": len(outputs),
+             "examples": [{"input": x[:160], "target": y, "written": o}
+                          for x, y, o in list(zip(data.inputs, data.targets, outputs, strict=True))[:3]]}  # fmt: skip
+    server.log(event)
+    return event

@@ -30,16 +30,16 @@ from crosslm.protocol import (
 )
 from crosslm.server.baselines import echo_update, fedavg_update
 from crosslm.server.decoding import SnapshotCache
-from crosslm.server.feedback import (
-    ClientModel,
-)
+from crosslm.server.feedback import ClientModel
+from crosslm.server.generation_update import SyntheticPair, crosslm_generation_update, evaluate_llm_generation
 from crosslm.server.update import SyntheticExample, crosslm_update
 from crosslm.server.verbalizer import evaluate_llm
-from crosslm.task import LabelledTexts, TaskSpec
+from crosslm.task import GenerationPairs, LabelledTexts, TaskSpec
 
 Logger = Callable[[dict[str, Any]], None]
-# federation.server_update -> the update it runs
+# federation.server_update -> the update it runs (CrossLM's depends on the task kind; the baselines' do not)
 UPDATES = {"crosslm": crosslm_update, "none": echo_update, "fedavg": fedavg_update}
+GENERATION_UPDATES = {**UPDATES, "crosslm": crosslm_generation_update}
 
 
 class CrossLMServer:
@@ -49,7 +49,7 @@ class CrossLMServer:
         task: TaskSpec,
         llm: Any,
         tokenizer: Any,
-        llm_eval_data: LabelledTexts,
+        llm_eval_data: LabelledTexts | GenerationPairs,
         *,
         log: Logger,
         log_synthetic: Logger,
@@ -68,7 +68,8 @@ class CrossLMServer:
         self.models: dict[str, ClientModel] = {}
         self.pending: list[str] = []
         self.update = 0
-        self.pool: list[SyntheticExample] = []
+        self.pool: list[SyntheticExample] = []  # a classification task's synthetic texts
+        self.pairs: list[SyntheticPair] = []  # a generation task's synthetic (input, target) pairs
         self.seen: set[str] = set()
         self.max_bytes = int(cfg.federation.max_payload_mb * 1024 * 1024)
 
@@ -140,7 +141,8 @@ class CrossLMServer:
         triggers = self.pending[: self.cfg.federation.buffer_size]
         self.pending = self.pending[len(triggers) :]
         self.update += 1
-        return UPDATES[self.cfg.federation.server_update](self, triggers, self.update)
+        updates = GENERATION_UPDATES if self.task.kind == "generation" else UPDATES
+        return updates[self.cfg.federation.server_update](self, triggers, self.update)
 
     def reply(self, cid: str, model: Any, state: dict[str, torch.Tensor], u: int) -> WireMessage:
         """Client cid's SLM (architecture of `model`, weights `state`) as this update's enhanced message."""
@@ -164,7 +166,11 @@ class CrossLMServer:
 
     def evaluate_llm(self, update: int) -> dict[str, Any]:
         """Raw and calibrated accuracy with the task's label words; at update 0 (the zero-shot baseline)
-        other label-word forms are tried too, so the baseline gets its best form."""
+        other label-word forms are tried too, so the baseline gets its best form. A generation task's LLM
+        is measured as a target writer instead (ROUGE-L, target perplexity)."""
+        if self.task.kind == "generation":
+            return evaluate_llm_generation(self, update)
+        assert isinstance(self.llm_eval_data, LabelledTexts)
         kw = {"max_text_tokens": self.cfg.llm.max_text_tokens, "batch_size": self.cfg.eval.batch_size}
         forms = {}
         if update == 0:

@@ -1,7 +1,7 @@
 """The server's checkpoint: everything a restarted server needs to go on without losing an accepted upload.
 
 Layout under `<run_dir>/checkpoint/`:
-  state.json             update counter, pending triggers, synthetic pool, dedup hashes, log line counts,
+  state.json             update counter, pending triggers, synthetic pool (texts or pairs), dedup hashes, log line counts,
                          the runtime's own state (node bindings, undelivered messages, counters)
   uploads/<file>.wire    each client's latest accepted upload, byte for byte as it arrived
   outbox/<file>.wire     enhanced SLMs computed but not yet handed to the transport
@@ -21,6 +21,7 @@ from typing import Any
 from crosslm.errors import CrossLMError
 from crosslm.io import atomic_write_bytes, atomic_write_json, child_path
 from crosslm.protocol import WireMessage, check_client_id
+from crosslm.server.generation_update import SyntheticPair
 from crosslm.server.server import CrossLMServer
 from crosslm.server.update import SyntheticExample
 
@@ -71,6 +72,7 @@ class ServerCheckpoint:
             "adapter_update": self.adapter_update,
             "pending": list(server.pending),
             "pool": [vars(e) for e in server.pool],
+            "pairs": [vars(p) for p in server.pairs],
             "seen": sorted(server.seen),
             "uploads": dict(self.uploads),
             "outbox": dict(self.outbox),
@@ -116,6 +118,7 @@ class ServerCheckpoint:
         self.outbox = dict(state["outbox"])
         server.pending = list(state["pending"])
         server.pool = [SyntheticExample(**e) for e in state["pool"]]
+        server.pairs = [SyntheticPair(**p) for p in state.get("pairs", [])]
         server.seen = set(state["seen"])
         self.adapter_update = int(state["adapter_update"])
         if self.adapter_update > 0 and server.llm is not None:

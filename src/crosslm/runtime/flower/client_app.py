@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from crosslm.client.client import Client, ClientData
+from crosslm.client.client import ClientBase, ClientData
 from crosslm.config import RunConfig
 from crosslm.errors import ConfigError, DataError, ProtocolError
 from crosslm.io import atomic_write_bytes, atomic_write_text, read_jsonl
@@ -39,7 +39,7 @@ from crosslm.lifecycle import build_client, prepare_data
 from crosslm.protocol import check_client_id
 from crosslm.runtime.flower.deploy import read_run_config
 from crosslm.runtime.flower.payload import pack, unpack_request, unpack_wire
-from crosslm.task import LabelledTexts, TaskSpec
+from crosslm.task import GenerationPairs, LabelledTexts, TaskSpec
 
 app = ClientApp()
 
@@ -113,35 +113,49 @@ def run_settings(run_config: dict[str, Any]) -> tuple[RunConfig, TaskSpec]:
     return cfg, task
 
 
-def _read_split(path: Path, task: TaskSpec, required: bool) -> LabelledTexts:
+def _label_id(value: Any, task: TaskSpec) -> int | None:
+    """A row's label (a condition for a generation task) as its index: its name or the index itself."""
+    if isinstance(value, str) and value in task.labels:
+        value = task.labels.index(value)
+    return value if isinstance(value, int) and 0 <= value < task.num_labels else None
+
+
+def _read_split(path: Path, task: TaskSpec, required: bool) -> LabelledTexts | GenerationPairs:
+    """A node's data file: JSONL rows {"text", "label"} for classification, {"input", "target", "label"}
+    (the label being the condition) for a generation task."""
+    fields = ("input", "target") if task.kind == "generation" else ("text",)
     if not path.is_file():
         if required:
             raise DataError(
-                f"client data file '{path}' does not exist (expected JSONL rows with text and label)"
+                f"client data file '{path}' does not exist (expected JSONL rows with {', '.join(fields)} and label)"
             )
-        return LabelledTexts([], [])
-    texts, labels = [], []
+        return GenerationPairs() if task.kind == "generation" else LabelledTexts([], [])
+    columns: list[list[str]] = [[] for _ in fields]
+    labels: list[int] = []
     for i, row in enumerate(read_jsonl(path), 1):
-        label = row.get("label")
-        if isinstance(label, str) and label in task.labels:
-            label = task.labels.index(label)
-        if (
-            not isinstance(row.get("text"), str)
-            or not isinstance(label, int)
-            or not 0 <= label < task.num_labels
-        ):
+        label = _label_id(row.get("label"), task)
+        if label is None or not all(isinstance(row.get(f), str) for f in fields):
+            expected = ", ".join(f'"{f}": str' for f in fields)
             raise DataError(
-                f'\'{path}\' row {i}: expected {{"text": str, "label": one of {list(task.labels)}}}, got {row!r:.120}'
+                f"'{path}' row {i}: expected {{{expected}, \"label\": one of {list(task.labels)}}}, got {row!r:.120}"
             )
-        texts.append(row["text"])
+        for col, f in zip(columns, fields, strict=True):
+            col.append(row[f])
         labels.append(label)
-    return LabelledTexts(texts, labels)
+    if task.kind == "generation":
+        return GenerationPairs(columns[0], columns[1], labels)
+    return LabelledTexts(columns[0], labels)
 
 
-def write_split(path: Path, data: LabelledTexts, task: TaskSpec) -> None:
-    rows = [
-        json.dumps({"text": t, "label": task.labels[y]}) for t, y in zip(data.texts, data.labels, strict=True)
-    ]
+def write_split(path: Path, data: LabelledTexts | GenerationPairs, task: TaskSpec) -> None:
+    if isinstance(data, GenerationPairs):
+        rows = [json.dumps({"input": x, "target": y, "label": task.labels[c]})
+                for x, y, c in zip(data.inputs, data.targets, data.conditions, strict=True)]  # fmt: skip
+    else:
+        rows = [
+            json.dumps({"text": t, "label": task.labels[y]})
+            for t, y in zip(data.texts, data.labels, strict=True)
+        ]
     atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
@@ -156,17 +170,18 @@ def _materialise_partition(s: NodeSettings, cfg: RunConfig, task: TaskSpec) -> N
     write_split(s.data_dir / "train.jsonl", split.train[s.partition_id], task)  # last: marks it complete
 
 
-def load_client(context: Context) -> tuple[Client, NodeSettings]:
+def load_client(context: Context) -> tuple[ClientBase, NodeSettings]:
     cfg, task = run_settings(context.run_config)
     s = node_settings(dict(context.node_config), cfg)
     torch.set_num_threads(s.threads or cfg.flower.threads_per_node)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if s.partition_id is not None:
         _materialise_partition(s, cfg, task)
-    data = ClientData(
-        _read_split(s.data_dir / "train.jsonl", task, True),
-        _read_split(s.data_dir / "test.jsonl", task, True),
-        _read_split(s.data_dir / "global_test.jsonl", task, False),
+    data: ClientData[Any] = ClientData(
+        *(
+            _read_split(s.data_dir / f"{name}.jsonl", task, name != "global_test")
+            for name in ("train", "test", "global_test")
+        )
     )
     index = s.partition_id if s.partition_id is not None else zlib.crc32(s.client_id.encode()) % 1000
     client = build_client(cfg, task, s.client_id, s.slm, data, index)
