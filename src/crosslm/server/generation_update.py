@@ -28,7 +28,7 @@ import torch
 from crosslm import precision
 from crosslm.catalogue.datasets import cut_at_word
 from crosslm.config import DistillConfig, GenerationConfig, RunConfig, TuneConfig
-from crosslm.evaluation.generation import distinct_2, rouge_l_scores
+from crosslm.evaluation.generation import distinct_2, rouge_l
 from crosslm.modeling.causal_slm import (
     PairFormat,
     encode_pairs,
@@ -44,7 +44,6 @@ from crosslm.modeling.llm_text import (
     truncate_text,
     user_prompt_ids,
 )
-from crosslm.modeling.metrics import distinct_n
 from crosslm.progress import note, progress
 from crosslm.seeding import own_rng, pass_seed
 from crosslm.server.decoding import SnapshotCache, sample_tokens, sampling_snapshot
@@ -176,17 +175,18 @@ def generate_pairs(
         prompts = {c: user_prompt_ids(tokenizer, task.prompt_for(c)) for c in range(task.num_labels)}
         rows = sample_answers(snapshot, tokenizer, [prompts[c] for c in jobs], cfg, desc="generate stories")
         stories: list[tuple[int, str]] = []
+        written: set[str] = set()  # this update's stories so far, by content hash
         for c, row in zip(jobs, rows, strict=True):
             story = clean_story(tokenizer.decode(row, skip_special_tokens=True), task,
                                 truncated=tokenizer.eos_token_id not in row, min_words=cfg.min_words,
                                 max_chars=max_input_chars)  # fmt: skip
+            h = content_hash(story)
             if not story:
                 dropped["too_short"] += 1
-            elif content_hash(story) in seen or any(
-                content_hash(story) == content_hash(x) for _, x in stories
-            ):
+            elif h in seen or h in written:
                 dropped["duplicate"] += 1
             else:
+                written.add(h)
                 stories.append((c, story))
         targets = write_targets(snapshot, tokenizer, task, [x for _, x in stories],
                                 max_new_tokens=max_target_tokens, max_text_tokens=max_text_tokens,
@@ -726,7 +726,7 @@ def crosslm_generation_update(
         "dropped": res.stats.dropped,
         "gen_tokens_per_s": res.stats.tokens_per_s,
         "gen_dtype": res.stats.dtype,
-        "distinct2": distinct_n([pool[i].target for i in res.new], 2),
+        "distinct2": distinct_2([pool[i].target for i in res.new]),
         "mean_q": float(new_q.mean()) if len(new_q) and res.feedback is not None else float("nan"),
         "tau": tau,
         "share_q_ge_tau": float((new_q >= tau).float().mean()) if len(new_q) else float("nan"),
@@ -760,11 +760,10 @@ def evaluate_llm_generation(server: CrossLMServer, update: int) -> dict[str, Any
                           max_new_tokens=cfg.generation_task.max_target_tokens,
                           max_text_tokens=cfg.llm.max_text_tokens, dtype=dtype, snapshots=server.snapshots,
                           batch_size=cfg.eval.batch_size)  # fmt: skip
-    scores = rouge_l_scores(outputs, data.targets)
     ppl = llm_target_perplexity(server.eval_model(), server.tokenizer, server.task, data.inputs, data.targets,
                                 max_text_tokens=cfg.llm.max_text_tokens, batch_size=cfg.eval.batch_size)  # fmt: skip
     event = {"event": "llm_eval", "update": update, "dtype": precision.dtype_name(dtype),
-             "rouge_l": sum(scores) / len(scores) if scores else float("nan"), "target_perplexity": ppl,
+             "rouge_l": rouge_l(outputs, data.targets), "target_perplexity": ppl,
              "distinct_2": distinct_2(outputs), "n": len(outputs),
              "examples": [{"input": x[:160], "target": y, "written": o}
                           for x, y, o in list(zip(data.inputs, data.targets, outputs, strict=True))[:3]]}  # fmt: skip
