@@ -24,8 +24,8 @@ def _client(monkeypatch, **cfg) -> Client:
     monkeypatch.setattr(
         client_module, "load_slm", lambda name, labels: (make_classifier("bert", len(tok)), tok)
     )
-    data = ClientData(train=_easy_data(40), test=_easy_data(10, 3), global_test=LabelledTexts())
-    settings = dict(epochs=8, lr=3e-3, batch_size=8, validation_fraction=0.25, accept_tolerance=0.05)
+    data = ClientData(train=_easy_data(40), test=_easy_data(20, 3), global_test=LabelledTexts())
+    settings = dict(epochs=8, lr=3e-3, batch_size=8, validation_fraction=0.5, accept_tolerance=0.05)
     settings.update(cfg)
     return Client("client-0", "minilm-l6", TOY_TASK, data, ClientConfig(**settings),
                   eval_batch_size=16, max_payload_bytes=50 * 2**20, seed=0)  # fmt: skip
@@ -58,14 +58,30 @@ def test_holdout_is_stratified_disjoint_and_seeded() -> None:
     assert stratified_holdout(data, 2, 0.1, seed=4)[1].texts != held.texts
 
 
-def test_the_validation_part_is_never_trained_on(monkeypatch) -> None:
+def test_the_validation_part_comes_from_the_evaluation_texts_and_leaves_training_whole(monkeypatch) -> None:
     c = _client(monkeypatch)
-    assert len(c.data.validation) == 10 and len(c.data.train) == 30
+    assert len(c.data.validation) == 10 and len(c.data.test) == 10 and len(c.data.train) == 40
     assert c.data.validation.label_counts(2) == [5, 5]
+    assert not set(c.data.validation.texts) & set(c.data.test.texts) - set(c.data.train.texts)
     wire, event = c.local_round()
     upload = decode(wire, expected_labels=list(TOY_TASK.labels), max_bytes=50 * 2**20)
-    assert upload.num_examples == 30  # the upload declares what the client trained on
+    assert upload.num_examples == 40  # every training text is trained on
     assert "validation" in event and "validation" not in upload.metrics
+
+
+def test_a_validation_part_from_training_data_is_never_trained_on(monkeypatch) -> None:
+    c = _client(monkeypatch, validation_fraction=0.25, validation_source="train")
+    assert len(c.data.validation) == 10 and len(c.data.train) == 30 and len(c.data.test) == 20
+    wire, _ = c.local_round()
+    upload = decode(wire, expected_labels=list(TOY_TASK.labels), max_bytes=50 * 2**20)
+    assert upload.num_examples == 30  # the upload declares what the client trained on
+
+
+def test_a_split_too_small_to_share_holds_nothing_out(monkeypatch) -> None:
+    from crosslm.client.client import hold_out
+
+    data = ClientData(train=_easy_data(40), test=_easy_data(1), global_test=LabelledTexts())
+    assert hold_out(data, 2, 0.5, "test", seed=0) is data  # one text: it stays the test split
 
 
 def test_a_worse_enhancement_is_refused_and_a_better_one_adopted(monkeypatch) -> None:

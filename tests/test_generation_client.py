@@ -41,9 +41,9 @@ def _client(monkeypatch, tied: bool = False, **cfg) -> gc.GenerationClient:
         return model, tok
 
     monkeypatch.setattr(gc, "load_causal_slm", load)
-    settings = dict(epochs=25, lr=5e-3, batch_size=4, validation_fraction=0.25, max_length=32)
+    settings = dict(epochs=25, lr=5e-3, batch_size=4, validation_fraction=0.5, max_length=32)
     settings.update(cfg)
-    data = ClientData(train=_pairs(16), test=_pairs(4, 16), global_test=GenerationPairs())
+    data = ClientData(train=_pairs(16), test=_pairs(8, 16), global_test=GenerationPairs())
     return gc.GenerationClient("client-0", "tiny", TASK, data, ClientConfig(**settings),
                                task_cfg=GenerationTaskConfig(max_target_tokens=10), eval_batch_size=8,
                                max_payload_bytes=MAX, seed=0)  # fmt: skip
@@ -62,7 +62,7 @@ def test_a_round_learns_the_pairs_and_uploads_generation_metrics(monkeypatch) ->
     wire, event = c.local_round()
     assert event["validation"]["rouge_l"] > 0.9  # held-out stories: the headline follows the topic
     upload = decode(wire, expected_labels=list(TASK.labels), max_bytes=MAX, kind="generation")
-    assert upload.num_examples == 12 and upload.label_counts == [6, 6]
+    assert upload.num_examples == 16 and upload.label_counts == [8, 8]  # all its training pairs
     assert set(upload.metrics) == {"rouge_l", "target_perplexity", "distinct_2"}
 
 

@@ -141,9 +141,15 @@ class ClientConfig:
         "Extra local epochs on private data after each server reply (the standalone baseline's matched effort).",
     )
     validation_fraction: float = option(
-        0.1,
-        "Share of each client's own training data held out (stratified, never trained on) to decide whether "
-        "an enhanced SLM from the server is adopted (0 = no hold-out: every reply is adopted).",
+        0.5,
+        "Share of the client's own texts (from clients.validation_source, stratified, never trained on) held "
+        "out to decide whether an enhanced SLM from the server is adopted (0 = no hold-out: every reply is "
+        "adopted).",
+    )
+    validation_source: str = option(
+        "test",
+        "Where the held-out part comes from: 'test' = the client's own evaluation texts (its training data "
+        "stays whole; its local test metrics are measured on the rest) or 'train' = its training data.",
     )
     accept_tolerance: float = option(
         0.15,
@@ -711,6 +717,7 @@ def validate(cfg: RunConfig) -> None:
     )
     need(c.extra_local_epochs >= 0, "clients.extra_local_epochs", "0 or more")
     need(0 <= c.validation_fraction < 1, "clients.validation_fraction", "a share in [0, 1)")
+    need(c.validation_source in ("test", "train"), "clients.validation_source", "test or train")
     need(c.accept_tolerance >= 0, "clients.accept_tolerance", "0 or more (a macro-F1 difference)")
     need(
         c.accept_confidence == 0 or 0.5 <= c.accept_confidence < 1,

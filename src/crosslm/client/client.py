@@ -61,6 +61,22 @@ class ClientData(Generic[D]):
         return self.validation if self.validation is not None else self.train.subset([])
 
 
+def hold_out(data: ClientData[D], num_labels: int, fraction: float, source: str, seed: int) -> ClientData[D]:
+    """The client's data with a stratified `fraction` of its `source` split ('test' or 'train') moved to
+    the validation part. Taking it from the evaluation texts leaves every training text to training: on
+    trec, holding out a tenth of 150 training texts cost the SLMs about 4 points over three seeds. Both
+    parts of a split keep at least one text (else nothing is held out)."""
+    split = data.test if source == "test" else data.train
+    kept, held = stratified_holdout(split, num_labels, fraction, seed)
+    if not len(kept) or not len(held):
+        return data
+    return (
+        replace(data, test=kept, validation=held)
+        if source == "test"
+        else replace(data, train=kept, validation=held)
+    )
+
+
 def worse_share(
     labels: list[int],
     own: list[int],
@@ -107,10 +123,13 @@ class ClientBase(Generic[D]):
         self.slm = slm
         self.task = task
         if cfg.validation_fraction > 0 and not len(data.held_out):
-            train, held = stratified_holdout(
-                data.train, task.num_labels, cfg.validation_fraction, pass_seed(seed, "validation", 0)
+            data = hold_out(
+                data,
+                task.num_labels,
+                cfg.validation_fraction,
+                cfg.validation_source,
+                pass_seed(seed, "validation", 0),
             )
-            data = replace(data, train=train, validation=held)
         self.data: ClientData[D] = data
         self.cfg = cfg
         self.seed = seed
