@@ -439,6 +439,27 @@ def causal_upload(model: torch.nn.Module, **overrides) -> SLMUpload:
     return upload(model, **{**fields, **overrides})
 
 
+def test_a_tied_lm_head_crosses_the_wire_once() -> None:
+    from crosslm.protocol import wire_state
+
+    model = tiny_causal("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    both = encode(causal_upload(model), dtype="float32")
+    once = encode(causal_upload(model, state_dict=wire_state(model)), dtype="float32")
+    assert len(both) - len(once) >= model.lm_head.weight.numel() * 4  # one embedding matrix less
+    got = decode(once, expected_labels=TOPICS, max_bytes=MAX, kind="generation")
+    assert torch.equal(got.state_dict["lm_head.weight"], model.model.embed_tokens.weight)
+    fresh = tiny_causal("llama")
+    fresh.config.tie_word_embeddings = True
+    fresh.tie_weights()
+    fresh.load_state_dict(got.state_dict, strict=True)
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    untied = tiny_causal("llama")  # nothing tied: nothing left out
+    assert set(wire_state(untied)) == set(untied.state_dict())
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_causal_slm_round_trips_for_a_generation_task(arch: str) -> None:
     model = tiny_causal(arch)

@@ -28,7 +28,15 @@ from crosslm.modeling.metrics import classification_metrics, macro_f1
 from crosslm.modeling.slm import evaluate, predict_logits, train_supervised
 from crosslm.partition import stratified_holdout
 from crosslm.precision import resolve_device
-from crosslm.protocol import SLMEnhanced, SLMUpload, WireMessage, decode, encode, model_config_dict
+from crosslm.protocol import (
+    SLMEnhanced,
+    SLMUpload,
+    WireMessage,
+    decode,
+    encode,
+    model_config_dict,
+    wire_state,
+)
 from crosslm.seeding import pass_seed
 from crosslm.task import GenerationPairs, LabelledTexts, TaskSpec
 
@@ -207,7 +215,7 @@ class ClientBase(Generic[D]):
             version=self.round,
             base_version=self.base_version,
             metrics=dict(metrics["local"]),
-            state_dict=self.model.state_dict(),
+            state_dict=wire_state(self.model),
         )
         event = {
             "event": "client_trained",

@@ -14,6 +14,7 @@ from crosslm.protocol.messages import (
     encode,
     is_slm_name,
     model_config_dict,
+    wire_state,
 )
 from crosslm.protocol.reports import validate_report
 
@@ -31,5 +32,6 @@ __all__ = [
     "encode",
     "is_slm_name",
     "model_config_dict",
+    "wire_state",
     "validate_report",
 ]

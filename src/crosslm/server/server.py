@@ -27,6 +27,7 @@ from crosslm.protocol import (
     encode,
     is_slm_name,
     model_config_dict,
+    wire_state,
 )
 from crosslm.server.baselines import echo_update, fedavg_update
 from crosslm.server.decoding import SnapshotCache
@@ -154,7 +155,7 @@ class CrossLMServer:
                 model_config=model_config_dict(model),
                 labels=list(self.task.labels),
                 server_update=u,
-                state_dict=state,
+                state_dict=wire_state(model, state),
             ),
             dtype=self.cfg.clients.upload_dtype,
         )
