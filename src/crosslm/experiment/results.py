@@ -9,6 +9,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -22,6 +23,9 @@ COLUMNS = [
     "fidelity_q_ge_tau", "fidelity_distilled", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
     "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds", "refused_replies",
     "no_signal_updates", "llm_rollbacks", "machine",
+    # a generation task's measures (ROUGE-L F1 in [0, 1], perplexities per token)
+    "slm_rouge_l", "slm_served_rouge_l", "slm_local_rouge_l", "slm_start_rouge_l", "slm_target_ppl", "llm_rouge_l",
+    "llm_target_ppl", "judge_ppl_last", "judge_real_like_last", "judge_ppl_distilled", "judge_real_like_distilled",
 ]  # fmt: skip
 
 
@@ -34,33 +38,17 @@ def _mean(xs: Sequence[float | None]) -> float:
 
 
 def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
-    """The measures of one finished cell (SLM numbers on the global test split unless named local)."""
+    """The measures of one finished cell (SLM numbers on the global test split unless named local). `judge`
+    is the task kind's judge: (classifier, tokenizer, labels, tau) or a `WriterJudge`."""
     ev = read_jsonl(run_dir / "metrics.jsonl")
     by: dict[str, list[dict]] = defaultdict(list)
     for e in ev:
         by[str(e.get("event"))].append(e)
-    final = {e["client"]: e for e in by["client_eval"]}  # the last evaluation of each client
-    start = {e["client"]: e for e in by["client_trained"] if e.get("round") == 1}
-    llm = [e for e in by["llm_eval"]]
-    tuned = [e for e in llm if e["update"] > 0]
-    last = (
-        tuned[-1] if tuned else {}
-    )  # an LLM that was never tuned is the zero-shot row, not a row of its own
+    kind = (by["run_start"] or [{}])[0].get("task_kind", "classification")
     ppl = {e["stage"]: e["perplexity"] for e in by["perplexity"]}
     updates = by["server_update"]
-    served = {e["client"] for e in by["enhanced"]}
     row: dict[str, Any] = {
-        "slm_acc": _mean([_get(e, "global", "accuracy") for e in final.values()]),
-        # A client the server never replied to (the slowest, when updates < clients) ends the same under
-        # every method: the virtual clock, not the method, decides who is served, so this is a like-for-like
-        # subset that shows what a reply is worth without that dilution.
-        "slm_served_acc": _mean([_get(e, "global", "accuracy") for c, e in final.items() if c in served]),
-        "slm_f1": _mean([_get(e, "global", "macro_f1") for e in final.values()]),
-        "slm_local_acc": _mean([_get(e, "local", "accuracy") for e in final.values()]),
-        "slm_start_acc": _mean([_get(e, "global", "accuracy") for e in start.values()]),
-        "slm_reply_gain": _mean([_reply_gain(e) for e in by["enhanced"]]),
-        "llm_raw_acc": last.get("raw_accuracy", float("nan")),
-        "llm_cal_acc": last.get("calibrated_accuracy", float("nan")),
+        "kind": kind,
         "ppl_start": ppl.get("start", float("nan")),
         "ppl_end": ppl.get("end", float("nan")),
         "distinct2_first": updates[0].get("distinct2", float("nan")) if updates else float("nan"),
@@ -73,14 +61,53 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "refused_replies": sum(1 for e in by["enhanced"] if e.get("adopted") == 0),  # the guards' work
         "no_signal_updates": sum(1 for e in updates if e.get("signal") is False),
         "llm_rollbacks": sum(1 for e in updates if e.get("rolled_back")),
-        "per_client": {c: _get(e, "global", "accuracy") for c, e in final.items()},
-        "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
         "machine": describe_machine(m) if (m := (by["run_start"] or [{}])[0].get("machine")) else "",
     }
-    row["llm_acc"] = _nanmax(row["llm_raw_acc"], row["llm_cal_acc"])
     row["ppl_change_pct"] = 100 * (row["ppl_end"] / row["ppl_start"] - 1) if ppl else float("nan")
     syn = read_jsonl(run_dir / "synthetic.jsonl") if (run_dir / "synthetic.jsonl").exists() else []
     row["synthetic"] = len(syn)
+    if kind == "generation":
+        row.update(_generation_measures(by, syn, judge))
+    else:
+        row.update(_classification_measures(by, syn, judge))
+    return row
+
+
+def _slm_measures(by: dict[str, list[dict]], metric: str, prefix: str) -> dict[str, Any]:
+    """The SLMs' global-test `metric` at the end, at the start and at each reply, as `prefix`_... keys."""
+    final = {e["client"]: e for e in by["client_eval"]}  # the last evaluation of each client
+    start = {e["client"]: e for e in by["client_trained"] if e.get("round") == 1}
+    served = {e["client"] for e in by["enhanced"]}
+    return {
+        prefix: _mean([_get(e, "global", metric) for e in final.values()]),
+        # A client the server never replied to (the slowest, when updates < clients) ends the same under
+        # every method: the virtual clock, not the method, decides who is served, so this is a like-for-like
+        # subset that shows what a reply is worth without that dilution.
+        f"{prefix.replace('slm_', 'slm_served_')}": _mean(
+            [_get(e, "global", metric) for c, e in final.items() if c in served]
+        ),
+        f"{prefix.replace('slm_', 'slm_local_')}": _mean([_get(e, "local", metric) for e in final.values()]),
+        f"{prefix.replace('slm_', 'slm_start_')}": _mean([_get(e, "global", metric) for e in start.values()]),
+        "slm_reply_gain": _mean([_reply_gain(e, metric) for e in by["enhanced"]]),
+        "per_client": {c: _get(e, "global", metric) for c, e in final.items()},
+    }
+
+
+def _classification_measures(by: dict[str, list[dict]], syn: list[dict], judge: Any) -> dict[str, Any]:
+    llm = by["llm_eval"]
+    tuned = [e for e in llm if e["update"] > 0]
+    last = (
+        tuned[-1] if tuned else {}
+    )  # an LLM that was never tuned is the zero-shot row, not a row of its own
+    final = {e["client"]: e for e in by["client_eval"]}
+    row: dict[str, Any] = {
+        **_slm_measures(by, "accuracy", "slm_acc"),
+        "slm_f1": _mean([_get(e, "global", "macro_f1") for e in final.values()]),
+        "llm_raw_acc": last.get("raw_accuracy", float("nan")),
+        "llm_cal_acc": last.get("calibrated_accuracy", float("nan")),
+        "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
+    }
+    row["llm_acc"] = _nanmax(row["llm_raw_acc"], row["llm_cal_acc"])
     nan = float("nan")
     row.update(fidelity_first=nan, fidelity_last=nan, fidelity_q_ge_tau=nan, fidelity_distilled=nan)
     if judge is not None and syn:
@@ -105,6 +132,53 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
     return row
 
 
+@dataclass
+class WriterJudge:
+    """A generation task's judge (crosslm.evaluation.judge.load_writer_judge) with what scoring needs."""
+
+    model: Any
+    tokenizer: Any
+    fmt: Any
+    reference: float
+    """The median per-token log-likelihood of the real global-test pairs under the judge."""
+
+
+def _generation_measures(
+    by: dict[str, list[dict]], syn: list[dict], judge: WriterJudge | None
+) -> dict[str, Any]:
+    llm = by["llm_eval"]
+    tuned = [e for e in llm if e["update"] > 0]
+    last = tuned[-1] if tuned else {}
+    final = {e["client"]: e for e in by["client_eval"]}
+    row: dict[str, Any] = {
+        **_slm_measures(by, "rouge_l", "slm_rouge_l"),
+        "slm_target_ppl": _mean([_get(e, "global", "target_perplexity") for e in final.values()]),
+        "llm_rouge_l": last.get("rouge_l", float("nan")),
+        "llm_target_ppl": last.get("target_perplexity", float("nan")),
+        "llm_zero_shot": llm[0].get("rouge_l") if llm else None,
+    }
+    nan = float("nan")
+    row.update(
+        judge_ppl_last=nan, judge_real_like_last=nan, judge_ppl_distilled=nan, judge_real_like_distilled=nan
+    )
+    if judge is not None and syn:
+        from crosslm.evaluation.judge import pair_quality
+
+        def quality(rows: list[dict]) -> dict[str, float]:
+            return pair_quality(judge.model, judge.tokenizer, [r["input"] for r in rows], [r["target"] for r in rows],
+                                fmt=judge.fmt, reference=judge.reference)  # fmt: skip
+
+        last_u = max(r["update"] for r in syn)
+        q = quality([r for r in syn if r["update"] == last_u])
+        row.update(judge_ppl_last=q["target_perplexity"], judge_real_like_last=q["real_like"])
+        if by["distilled"]:
+            by_hash = {r["hash"]: r for r in syn}
+            rows = [by_hash[h] for h in by["distilled"][-1]["hashes"] if h in by_hash]
+            q = quality(rows)
+            row.update(judge_ppl_distilled=q["target_perplexity"], judge_real_like_distilled=q["real_like"])
+    return row
+
+
 def distilled_fidelity(event: dict, syn: list[dict], model: Any, tok: Any) -> float:
     """The judge's label fidelity of what the last update's replies were distilled on: the share of the
     loss weight on texts whose target's most likely label the judge agrees with."""
@@ -123,11 +197,11 @@ def distilled_fidelity(event: dict, syn: list[dict], model: Any, tok: Any) -> fl
     return agree / sum(w for _, _, w in rows)
 
 
-def _reply_gain(e: dict) -> float | None:
-    """Global-test accuracy of a client's SLM just after the server's reply minus just before it: what the
+def _reply_gain(e: dict, metric: str = "accuracy") -> float | None:
+    """Global-test `metric` of a client's SLM just after the server's reply minus just before it: what the
     reply itself did (distillation under CrossLM and KD, extra local epochs under standalone), before the
     client's next local round moves it again."""
-    after, before = _get(e, "after", "global", "accuracy"), _get(e, "before", "global", "accuracy")
+    after, before = _get(e, "after", "global", metric), _get(e, "before", "global", metric)
     return None if after is None or before is None else after - before
 
 
@@ -188,14 +262,15 @@ def write_results(exp: Any, root: Path) -> Path:
             drift[run_dir.name] = diffs
         if (task, seed) not in judges:
             judges[(task, seed)] = _judge(cfg, exp)
-        model, tok, labels, info = judges[(task, seed)]
+        judge, info = judges[(task, seed)]
         judge_info[f"{task}, seed {seed}"] = info
-        row = {"task": task, "method": method, "seed": seed,
-               **cell_row(run_dir, (model, tok, labels, cfg.feedback.threshold(len(labels))))}  # fmt: skip
+        row = {"task": task, "method": method, "seed": seed, **cell_row(run_dir, judge)}
         rows.append(row)
         if method == "crosslm" and row["llm_zero_shot"] is not None:
-            rows.append({"task": task, "method": ZERO_SHOT, "seed": seed, "llm_acc": row["llm_zero_shot"],
-                         "ppl_start": row["ppl_start"], "ppl_end": row["ppl_start"], "ppl_change_pct": 0.0})  # fmt: skip
+            llm_key = "llm_rouge_l" if row["kind"] == "generation" else "llm_acc"
+            rows.append({"task": task, "method": ZERO_SHOT, "seed": seed, "kind": row["kind"],
+                         llm_key: row["llm_zero_shot"], "ppl_start": row["ppl_start"], "ppl_end": row["ppl_start"],
+                         "ppl_change_pct": 0.0})  # fmt: skip
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
@@ -207,16 +282,24 @@ def write_results(exp: Any, root: Path) -> Path:
     return root
 
 
-def _judge(cfg: Any, exp: Any) -> tuple[Any, Any, list[str], dict]:
-    from crosslm.catalogue.datasets import load_task_data
-    from crosslm.evaluation.judge import judge_training_data, load_judge
-    from crosslm.lifecycle import split_task_data
+def _judge(cfg: Any, exp: Any) -> tuple[Any, dict]:
+    """(the judge `cell_row` takes, its info) for a cell's task, trained on the data outside its global test
+    split: a classifier for a classification task, a writer judge for a generation task."""
+    from crosslm.evaluation.judge import judge_training_data, load_judge, load_writer_judge
+    from crosslm.lifecycle import load_data, split_task_data
+    from crosslm.modeling.causal_slm import PairFormat
 
-    task, data = load_task_data(cfg.data)  # loaded once: the judge needs the data beyond the split
+    task, data = load_data(cfg)  # loaded once: the judge needs the data beyond the split
     split = split_task_data(cfg, task, data)
     train = judge_training_data(data, split.global_test_idx, exp.judge_max_examples, cfg.seed)
+    if task.kind == "generation":
+        fmt = PairFormat(task.target_noun, max_input_tokens=cfg.clients.max_length,
+                         max_target_tokens=cfg.generation_task.max_target_tokens)  # fmt: skip
+        model, tok, info = load_writer_judge(task, train, split.global_test, fmt=fmt, epochs=exp.judge_epochs,
+                                             seed=cfg.seed)  # fmt: skip
+        return WriterJudge(model, tok, fmt, info["global_test"]["median_loglik"]), info
     model, tok, info = load_judge(task, train, split.global_test, epochs=exp.judge_epochs, seed=cfg.seed)
-    return model, tok, list(task.labels), info
+    return (model, tok, list(task.labels), cfg.feedback.threshold(task.num_labels)), info
 
 
 TABLES = [
@@ -255,6 +338,51 @@ TABLES = [
 ]
 
 
+GENERATION_TABLES = [
+    ("SLM ROUGE-L F1 on the global test split (x100), final", "slm_rouge_l", 100.0),
+    (
+        "SLM ROUGE-L F1 on the global test split (x100), final, only the clients the server replied to",
+        "slm_served_rouge_l",
+        100.0,
+    ),
+    ("SLM ROUGE-L F1 on each client's own test split (x100), final", "slm_local_rouge_l", 100.0),
+    (
+        "SLM ROUGE-L gain at a server reply (points on the global test split, mean over replies)",
+        "slm_reply_gain",
+        100.0,
+    ),
+    ("SLM per-token perplexity of the global test split's targets, final", "slm_target_ppl", 1.0),
+    ("LLM ROUGE-L F1 (x100)", "llm_rouge_l", 100.0),
+    ("LLM per-token perplexity of the reference targets", "llm_target_ppl", 1.0),
+    ("LLM held-out perplexity change (%)", "ppl_change_pct", 1.0),
+    (
+        "Synthetic pairs, the writer judge's per-token perplexity of their targets, last update",
+        "judge_ppl_last",
+        1.0,
+    ),
+    (
+        "Synthetic pairs whose target the writer judge finds at least as likely as the median real pair's (%), "
+        "last update",
+        "judge_real_like_last",
+        100.0,
+    ),
+    (
+        "The pairs the SLMs were distilled on, writer judge's perplexity, last update",
+        "judge_ppl_distilled",
+        1.0,
+    ),
+    (
+        "The pairs the SLMs were distilled on, share at least as likely as the median real pair (%), last update",
+        "judge_real_like_distilled",
+        100.0,
+    ),
+    ("Synthetic distinct-2 of the targets, last update", "distinct2_last", 1.0),
+    ("Upload per client (MiB)", "upload_mib_per_client", 1.0),
+    ("Client compute (s, all clients)", "client_seconds", 1.0),
+    ("Server compute (s)", "server_seconds", 1.0),
+]
+
+
 def results_markdown(
     rows: list[dict[str, Any]],
     exp: Any,
@@ -262,7 +390,6 @@ def results_markdown(
     drift: dict[str, list[tuple[str, Any, Any]]] | None = None,
 ) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    methods = [m for m in [*exp.methods, ZERO_SHOT] if any(r["method"] == m for r in rows)]
     seeds = sorted({r["seed"] for r in rows})
     out = [f"# Experiment '{exp.name}'", "",
            f"Tasks: {', '.join(tasks)}; seeds: {seeds}; each cell is one `crosslm run` with the method's preset "
@@ -270,7 +397,56 @@ def results_markdown(
     validation = (exp.overrides or {}).get("eval.split") == "validation"
     # a tuning run: its "global" numbers are on the validation split
     where = "the validation split (eval.split)" if validation else "the global test split"
-    for title, key, scale in TABLES:
+    for kind in ("classification", "generation"):
+        kind_rows = [r for r in rows if r.get("kind", "classification") == kind]
+        if not kind_rows:
+            continue
+        kind_tasks = list(dict.fromkeys(r["task"] for r in kind_rows))
+        methods = [m for m in [*exp.methods, ZERO_SHOT] if any(r["method"] == m for r in kind_rows)]
+        tables = GENERATION_TABLES if kind == "generation" else TABLES
+        out += _tables(kind_rows, kind_tasks, methods, seeds, tables, where)
+        if kind == "generation":
+            out += paired_section(kind_rows, kind_tasks, methods, where, "slm_rouge_l", metric="ROUGE-L F1")
+            out += paired_section(kind_rows, kind_tasks, methods, where, "slm_served_rouge_l",
+                                  " of the clients the server replied to", metric="ROUGE-L F1")  # fmt: skip
+            out += generation_targets_section(kind_rows, kind_tasks)
+        else:
+            out += paired_section(kind_rows, kind_tasks, methods, where)
+            out += paired_section(
+                kind_rows,
+                kind_tasks,
+                methods,
+                where,
+                "slm_served_acc",
+                " of the clients the server replied to",
+            )
+            out += targets_section(kind_rows, kind_tasks)
+    if judges:
+        out += judges_section(judges)
+    out += machines_section(rows)
+    if drift:
+        out += ["## Cells reused with a different config", "",
+                "These cells finished before a setting changed and were not rerun; the tables above hold their "
+                "saved numbers. Delete a cell's folder and run the experiment again to recompute it.", "",
+                "| cell | key | saved | now |", "| --- | --- | --- | --- |"]  # fmt: skip
+        out += [
+            f"| {cell} | {k} | {old!r} | {new!r} |" for cell, diffs in drift.items() for k, old, new in diffs
+        ]
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _tables(
+    rows: list[dict[str, Any]],
+    tasks: list[str],
+    methods: list[str],
+    seeds: list[int],
+    tables: list[tuple[str, str, float]],
+    where: str,
+) -> list[str]:
+    """One table per measure: methods by tasks, mean ± sd over seeds and the mean over tasks."""
+    out: list[str] = []
+    for title, key, scale in tables:
         title = title.replace("the global test split", where)
         lines = [f"## {title}", "", "| method | " + " | ".join(tasks) + " | mean over tasks |",
                  "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
@@ -295,32 +471,35 @@ def results_markdown(
             )
         if any_value:
             out += [*lines, ""]
-    out += paired_section(rows, tasks, methods, where)
-    out += paired_section(
-        rows, tasks, methods, where, "slm_served_acc", " of the clients the server replied to"
-    )
-    out += targets_section(rows, tasks)
-    if judges:
+    return out
+
+
+def judges_section(judges: dict[str, dict]) -> list[str]:
+    """What each judge is and how well it does on real data."""
+    classifiers = {k: v for k, v in judges.items() if "median_loglik" not in v.get("global_test", {})}
+    writers = {k: v for k, v in judges.items() if k not in classifiers}
+    out: list[str] = []
+    if classifiers:
         out += ["## The fidelity judge", "", "An SLM trained centrally on the task's training data outside the "
                 "global test split; used only to measure label fidelity, never by a method.", "",
                 "| task | SLM | training examples | epochs | its global-test accuracy |", "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
-        for name, info in judges.items():
+        for name, info in classifiers.items():
             acc = info.get("global_test", {}).get("accuracy", float("nan"))
             out.append(
                 f"| {name} | {info.get('slm')} | {info.get('train_size')} | {info.get('epochs')} | {100 * acc:.1f} % |"
             )
         out.append("")
-    out += machines_section(rows)
-    if drift:
-        out += ["## Cells reused with a different config", "",
-                "These cells finished before a setting changed and were not rerun; the tables above hold their "
-                "saved numbers. Delete a cell's folder and run the experiment again to recompute it.", "",
-                "| cell | key | saved | now |", "| --- | --- | --- | --- |"]  # fmt: skip
-        out += [
-            f"| {cell} | {k} | {old!r} | {new!r} |" for cell, diffs in drift.items() for k, old, new in diffs
-        ]
+    if writers:
+        out += ["## The writer judge", "", "A causal LM tuned on the task's real (input, target) pairs outside the "
+                "global test split; used only to measure how plausible synthetic pairs are, never by a method.", "",
+                "| task | model | training pairs | epochs | its perplexity of the global test targets | median real "
+                "log-likelihood per token |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for name, info in writers.items():
+            g = info.get("global_test", {})
+            out.append(f"| {name} | {info.get('model')} | {info.get('train_size')} | {info.get('epochs')} | "
+                       f"{g.get('target_perplexity', float('nan')):.2f} | {g.get('median_loglik', float('nan')):.3f} |")  # fmt: skip
         out.append("")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def machines_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -366,14 +545,15 @@ def paired_section(
     where: str,
     key: str = "slm_acc",
     clients: str = "",
+    metric: str = "accuracy",
 ) -> list[str]:
-    """CrossLM's SLM accuracy (`key`) minus every other method's, paired by seed: mean ± sd (n seeds);
-    `where` names the split the numbers are on, `clients` the clients averaged when not all."""
+    """CrossLM's SLM `metric` (row key `key`) minus every other method's, paired by seed: mean ± sd (n
+    seeds); `where` names the split the numbers are on, `clients` the clients averaged when not all."""
     others = [m for m in methods if m not in ("crosslm", ZERO_SHOT)]
     others = [m for m in others if any(_is_number(r.get(key)) for r in rows if r["method"] == m)]
     if "crosslm" not in methods or not others:
         return []
-    lines = [f"## CrossLM minus each method, SLM accuracy{clients} on {where} (points, paired by seed)", "",
+    lines = [f"## CrossLM minus each method, SLM {metric}{clients} on {where} (points, paired by seed)", "",
              "| CrossLM minus | " + " | ".join(tasks) + " | mean over tasks |",
              "| --- |" + " ---: |" * (len(tasks) + 1)]  # fmt: skip
     for m in others:
@@ -419,7 +599,12 @@ def targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
     )
     p = avg("crosslm", "ppl_change_pct")
     checks.append(("Perplexity rises by ≤ 1 % (measured: % change)", p, 1.0, p - 1.0, p <= 1))
-    lines = ["## Targets (averaged over tasks; difference in points, + = above the reference)", "",
+    return _targets_table(checks)
+
+
+def _targets_table(checks: list[tuple[str, float, float, float, bool]], unit: str = "") -> list[str]:
+    note = f"; {unit}" if unit else ""
+    lines = [f"## Targets (averaged over tasks; difference in points, + = above the reference{note})", "",
              "| target | measured | reference | difference | |",
              "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     for name, a, b, diff, ok in checks:
@@ -428,6 +613,41 @@ def targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
         status = "–" if math.isnan(diff) else ("met" if ok else "**missed**")
         lines.append(f"| {name} | {fa} | {fb} | {'–' if math.isnan(diff) else f'{diff:+.1f}'} | {status} |")
     return [*lines, ""]
+
+
+def generation_targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """A generation task's targets, each with the measured numbers and met / missed."""
+
+    def avg(method: str, key: str) -> float:
+        return _mean([_task_mean(rows, method, key, t) for t in tasks])
+
+    c, s, k = (
+        avg("crosslm", "slm_rouge_l"),
+        avg("standalone", "slm_rouge_l"),
+        avg("kd-no-feedback", "slm_rouge_l"),
+    )
+    llm, zs = avg("crosslm", "llm_rouge_l"), avg(ZERO_SHOT, "llm_rouge_l")
+    p = avg("crosslm", "ppl_change_pct")
+    eps = 1e-9  # a difference of exactly the target, computed in floating point, meets it
+    checks = [
+        ("SLM ROUGE-L: CrossLM ≥ standalone + 3 points", c, s, 100 * (c - s), 100 * (c - s) >= 3 - eps),
+        (
+            "SLM ROUGE-L: CrossLM ≥ KD without feedback + 1 point",
+            c,
+            k,
+            100 * (c - k),
+            100 * (c - k) >= 1 - eps,
+        ),
+        (
+            "LLM ROUGE-L: CrossLM ≥ zero-shot + 5 points",
+            llm,
+            zs,
+            100 * (llm - zs),
+            100 * (llm - zs) >= 5 - eps,
+        ),
+        ("Perplexity rises by ≤ 1 % (measured: % change)", p, 1.0, p - 1.0, p <= 1),
+    ]
+    return _targets_table(checks, "ROUGE-L F1 in [0, 1]")
 
 
 def plot_curves(root: Path, exp: Any) -> None:
@@ -448,15 +668,21 @@ def plot_curves(root: Path, exp: Any) -> None:
                 if not cell_done(run_dir):
                     continue
                 ev = read_jsonl(run_dir / "metrics.jsonl")
+                generation = any(
+                    e.get("event") == "run_start" and e.get("task_kind") == "generation" for e in ev
+                )
+                slm_metric, llm_metric = (
+                    ("rouge_l", "rouge_l") if generation else ("accuracy", "calibrated_accuracy")
+                )
                 enh = [e for e in ev if e.get("event") == "enhanced"]
-                pts = [(e["update"], _get(e, "after", "global", "accuracy")) for e in enh]
+                pts = [(e["update"], _get(e, "after", "global", slm_metric)) for e in enh]
                 pts = [(u, 100 * a) for u, a in pts if a is not None]
                 if pts:
                     axes[0].plot(*zip(*pts, strict=True), ".-", alpha=0.7, label=f"{method} s{seed}")
 
                 llm = [e for e in ev if e.get("event") == "llm_eval"]
                 if len(llm) > 1:
-                    axes[1].plot([e["update"] for e in llm], [100 * e["calibrated_accuracy"] for e in llm], ".-",
+                    axes[1].plot([e["update"] for e in llm], [100 * e[llm_metric] for e in llm], ".-",
                                  label=f"{method} s{seed}")  # fmt: skip
                 ups = [e for e in ev if e.get("event") == "server_update" and "mean_q" in e]
                 if ups:
@@ -466,7 +692,8 @@ def plot_curves(root: Path, exp: Any) -> None:
                         ".-",
                         label=f"{method} s{seed}",
                     )
-        for ax, title in zip(axes, ["SLM global accuracy after enhancement (%)", "LLM calibrated accuracy (%)",
+        for ax, title in zip(axes, ["SLM global accuracy (or ROUGE-L x100) after enhancement",
+                                    "LLM calibrated accuracy (or ROUGE-L x100)",
                                     "mean q of new synthetic samples"], strict=True):  # fmt: skip
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("server update")
