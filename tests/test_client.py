@@ -90,7 +90,12 @@ def test_a_worse_enhancement_is_refused_and_a_better_one_adopted(monkeypatch) ->
     good = {k: v.clone() for k, v in c.model.state_dict().items()}
     assert c.metrics["validation"]["macro_f1"] == 1.0  # the client learnt its easy task
 
+    calls = []
+    measure = c.evaluate
+    c.evaluate = lambda: calls.append(1) or measure()  # type: ignore[method-assign]
     refused = c.receive_enhanced(_reply(c, _one_label(good), update=1))
+    assert not calls and refused["after"] == refused["before"]  # its own weights are back: not measured again
+    c.evaluate = measure  # type: ignore[method-assign]
     assert refused["adopted"] == 0
     assert refused["offered"]["validation"]["macro_f1"] < 0.5
     assert _same(c.model.state_dict(), good)  # it continues from its own weights
@@ -179,7 +184,12 @@ def test_with_a_confidence_only_a_sure_drop_refuses_a_reply(monkeypatch) -> None
     c = _client(monkeypatch, accept_confidence=0.9)
     c.local_round()
     good = {k: v.clone() for k, v in c.model.state_dict().items()}
+    calls = []
+    measure = c.evaluate
+    c.evaluate = lambda: calls.append(1) or measure()  # type: ignore[method-assign]
     refused = c.receive_enhanced(_reply(c, _one_label(good), update=1))
+    assert not calls and refused["after"] == refused["before"]  # its own weights are back: not measured again
+    c.evaluate = measure  # type: ignore[method-assign]
     assert refused["adopted"] == 0 and refused["worse_share"] > 0.9
     adopted = c.receive_enhanced(_reply(c, good, update=2))
     assert adopted["adopted"] == 1 and adopted["worse_share"] == 0.0

@@ -61,7 +61,8 @@ class ClientData(Generic[D]):
     test: D
     global_test: D
     validation: D | None = None
-    """Held out of the client's training data: decides whether an enhanced SLM is adopted (None: none)."""
+    """Held out of the client's own texts (clients.validation_source), never trained on: decides whether an
+    enhanced SLM is adopted (None: none)."""
 
     @property
     def held_out(self) -> D:
@@ -273,7 +274,8 @@ class ClientBase(Generic[D]):
                 pass_seed(self.seed, "extra_epochs", self.round),
                 f"{self.client_id} extra local epochs",
             )
-        after = self.metrics = self.evaluate()
+        changed = adopted or self.cfg.extra_local_epochs > 0  # else the own weights are back, as measured
+        after = self.metrics = self.evaluate() if changed else before
         return {
             "event": "enhanced",
             "client": self.client_id,
