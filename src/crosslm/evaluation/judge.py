@@ -57,6 +57,12 @@ def load_judge(
                      seed=seed, desc=f"judge for {task.name}")  # fmt: skip
     info = {"slm": JUDGE_SLM, "train_size": len(train), "epochs": epochs, "seed": seed,
             "global_test": evaluate(model, tok, global_test, task.num_labels, batch_size=64, max_length=128)}  # fmt: skip
+    _save_judge(path, model, tok, info)
+    return model, tok, info
+
+
+def _save_judge(path: Path, model: Any, tok: Any, info: dict[str, Any]) -> None:
+    """Cache a trained judge (weights, tokenizer, judge.json) at `path`, all at once or not at all."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -64,7 +70,6 @@ def load_judge(
         atomic_write_json(tmp / "judge.json", info)
 
     atomic_dir(path, write)
-    return model, tok, info
 
 
 def judge_predictions(model: Any, tok: Any, texts: list[str]) -> list[int]:
@@ -122,13 +127,7 @@ def load_writer_judge(
     info = {"model": base, "train_size": len(train), "epochs": epochs, "seed": seed, "lr": lr,
             "global_test": {"target_perplexity": _perplexity(real), "n": len(global_test),
                             "median_loglik": float(real.median()) if len(real) else float("nan")}}  # fmt: skip
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        atomic_write_json(tmp / "judge.json", info)
-
-    atomic_dir(path, write)
+    _save_judge(path, model, tok, info)
     return model, tok, info
 
 
