@@ -73,36 +73,42 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
     return row
 
 
-def _slm_measures(by: dict[str, list[dict]], metric: str, prefix: str) -> dict[str, Any]:
-    """The SLMs' global-test `metric` at the end, at the start and at each reply, as `prefix`_... keys."""
-    final = {e["client"]: e for e in by["client_eval"]}  # the last evaluation of each client
+def _slm_measures(by: dict[str, list[dict]], metric: str, name: str) -> dict[str, Any]:
+    """The SLMs' global-test `metric` at the end (`slm_{name}`), for the served clients, on their own test
+    splits, at the start, and at each reply, plus the final value per client."""
+    final = _final_evals(by)
     start = {e["client"]: e for e in by["client_trained"] if e.get("round") == 1}
     served = {e["client"] for e in by["enhanced"]}
     return {
-        prefix: _mean([_get(e, "global", metric) for e in final.values()]),
+        f"slm_{name}": _mean([_get(e, "global", metric) for e in final.values()]),
         # A client the server never replied to (the slowest, when updates < clients) ends the same under
         # every method: the virtual clock, not the method, decides who is served, so this is a like-for-like
         # subset that shows what a reply is worth without that dilution.
-        f"{prefix.replace('slm_', 'slm_served_')}": _mean(
-            [_get(e, "global", metric) for c, e in final.items() if c in served]
-        ),
-        f"{prefix.replace('slm_', 'slm_local_')}": _mean([_get(e, "local", metric) for e in final.values()]),
-        f"{prefix.replace('slm_', 'slm_start_')}": _mean([_get(e, "global", metric) for e in start.values()]),
+        f"slm_served_{name}": _mean([_get(e, "global", metric) for c, e in final.items() if c in served]),
+        f"slm_local_{name}": _mean([_get(e, "local", metric) for e in final.values()]),
+        f"slm_start_{name}": _mean([_get(e, "global", metric) for e in start.values()]),
         "slm_reply_gain": _mean([_reply_gain(e, metric) for e in by["enhanced"]]),
         "per_client": {c: _get(e, "global", metric) for c, e in final.items()},
     }
 
 
+def _final_evals(by: dict[str, list[dict]]) -> dict[str, dict]:
+    """The last evaluation of each client."""
+    return {e["client"]: e for e in by["client_eval"]}
+
+
+def _last_tuned_llm_eval(by: dict[str, list[dict]]) -> dict:
+    """The LLM's last evaluation after a tuning ({} when it was never tuned: that LLM is the zero-shot row,
+    not a row of its own)."""
+    tuned = [e for e in by["llm_eval"] if e["update"] > 0]
+    return tuned[-1] if tuned else {}
+
+
 def _classification_measures(by: dict[str, list[dict]], syn: list[dict], judge: Any) -> dict[str, Any]:
-    llm = by["llm_eval"]
-    tuned = [e for e in llm if e["update"] > 0]
-    last = (
-        tuned[-1] if tuned else {}
-    )  # an LLM that was never tuned is the zero-shot row, not a row of its own
-    final = {e["client"]: e for e in by["client_eval"]}
+    llm, last = by["llm_eval"], _last_tuned_llm_eval(by)
     row: dict[str, Any] = {
-        **_slm_measures(by, "accuracy", "slm_acc"),
-        "slm_f1": _mean([_get(e, "global", "macro_f1") for e in final.values()]),
+        **_slm_measures(by, "accuracy", "acc"),
+        "slm_f1": _mean([_get(e, "global", "macro_f1") for e in _final_evals(by).values()]),
         "llm_raw_acc": last.get("raw_accuracy", float("nan")),
         "llm_cal_acc": last.get("calibrated_accuracy", float("nan")),
         "llm_zero_shot": _best_zero_shot(llm[0]) if llm else None,
@@ -146,13 +152,10 @@ class WriterJudge:
 def _generation_measures(
     by: dict[str, list[dict]], syn: list[dict], judge: WriterJudge | None
 ) -> dict[str, Any]:
-    llm = by["llm_eval"]
-    tuned = [e for e in llm if e["update"] > 0]
-    last = tuned[-1] if tuned else {}
-    final = {e["client"]: e for e in by["client_eval"]}
+    llm, last = by["llm_eval"], _last_tuned_llm_eval(by)
     row: dict[str, Any] = {
-        **_slm_measures(by, "rouge_l", "slm_rouge_l"),
-        "slm_target_ppl": _mean([_get(e, "global", "target_perplexity") for e in final.values()]),
+        **_slm_measures(by, "rouge_l", "rouge_l"),
+        "slm_target_ppl": _mean([_get(e, "global", "target_perplexity") for e in _final_evals(by).values()]),
         "llm_rouge_l": last.get("rouge_l", float("nan")),
         "llm_target_ppl": last.get("target_perplexity", float("nan")),
         "llm_zero_shot": llm[0].get("rouge_l") if llm else None,
