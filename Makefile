@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make run` and `make test`. Both install first.
 VENV := .venv/bin
-.PHONY: install run test lint bench
+.PHONY: install run test test-slow lint bench
 
 install:
 	bash scripts/install.sh
@@ -10,6 +10,9 @@ run: install
 
 test: install lint
 	$(VENV)/python -m pytest -q --durations=15
+
+test-slow: install
+	$(VENV)/python -m pytest -q --durations=15 -m slow
 
 lint:
 	$(VENV)/ruff check src tests benchmarks

@@ -133,6 +133,16 @@ def make_upload(model, **kw):
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# configs/headlines.yaml cut to a few minutes on two cores: the generation end-to-end runs' settings.
+HEADLINES_SMALL = [
+    "--set", "data.num_clients=2", "--set", "data.train_per_client=16", "--set", "data.test_per_client=8",
+    "--set", "data.global_test_size=8", "--set", "clients.slms=[smollm2-l6, smollm2-l12]",
+    "--set", "clients.epochs=1", "--set", "generation.samples_per_label=2", "--set", "generation.max_new_tokens=48",
+    "--set", "tune.steps=2",
+    "--set", "tune.batch_size=4", "--set", "tune.task_batch_size=2", "--set", "distill.epochs=1",
+    "--set", "federation.updates=2", "--set", "eval.llm_eval_size=6", "--set", "eval.general_text_tokens=512",
+]  # fmt: skip
+
 
 def crosslm_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     """The real command line, run from the repository root (end-to-end tests)."""

@@ -195,6 +195,7 @@ def test_shuffled_labels_find_no_signal_and_harm_no_model(tmp_path):
     assert "**No signal at update(s) 1, 2** of 2" in head
 
 
+@pytest.mark.slow
 def test_pool_distillation_with_the_llm_as_labeller_runs_end_to_end(tmp_path):
     """The distillation levers together on the real models: the pool labelled by the SLMs, the LLM's
     verbalizer and the generator's own posterior, per-label weights, no SLM re-scoring its own distilled
