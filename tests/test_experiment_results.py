@@ -68,6 +68,10 @@ def test_cell_row_reads_final_slms_llm_perplexity_and_traffic(tmp_path):
         r["upload_mib_per_client"] == 2.0 and r["download_mib_per_client"] == 1.0
     )  # refused uploads excluded
     assert r["client_seconds"] == 5.0 and r["server_seconds"] == 22.0 and math.isnan(r["fidelity_last"])
+    assert r["replies_min"] == 1  # one reply each to 'a' and 'b', the refused one counted
+    unserved = {"event": "client_trained", "client": "c", "round": 1, "seconds": 1.0, **g(0.4)}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(unserved) + "\n" + events)
+    assert cell_row(tmp_path)["replies_min"] == 0  # 'c' was never served
 
 
 def test_table_and_targets_report_mean_std_and_missed_targets():
@@ -88,6 +92,11 @@ def test_table_and_targets_report_mean_std_and_missed_targets():
     assert "SLM: CrossLM ≥ standalone + 10 pp | 0.71 | 0.56 | +15.0 | met |" in md
     assert "SLM: CrossLM ≥ KD without feedback + 3 pp | 0.71 | 0.68 | +3.0 | met |" in md
     assert "LLM: CrossLM ≥ best zero-shot + 15 pp | 0.8 | 0.7 | +10.0 | **missed** |" in md
+    assert "any CrossLM cell) | – | 2 | – | – |" in md  # no cell recorded its replies
+    rows[0]["replies_min"], rows[4]["replies_min"] = 2, 1  # seed 1 left one client served once
+    assert "any CrossLM cell) | 1 | 2 | -1.0 | **missed** |" in results_markdown(rows, exp)
+    rows[4]["replies_min"] = 3
+    assert "any CrossLM cell) | 2 | 2 | +0.0 | met |" in results_markdown(rows, exp)
     assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142, rel=1e-3))
     assert "## SLM accuracy on the global test split (%), final" in md
     assert (

@@ -21,7 +21,7 @@ COLUMNS = [
     "task", "method", "seed", "slm_acc", "slm_served_acc", "slm_f1", "slm_local_acc", "slm_start_acc", "slm_reply_gain", "llm_acc",
     "llm_raw_acc", "llm_cal_acc", "ppl_start", "ppl_end", "ppl_change_pct", "fidelity_first", "fidelity_last",
     "fidelity_q_ge_tau", "fidelity_distilled", "distinct2_first", "distinct2_last", "synthetic", "upload_mib_per_client",
-    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds", "refused_replies",
+    "download_mib_per_client", "client_seconds", "server_seconds", "wall_seconds", "refused_replies", "replies_min",
     "no_signal_updates", "llm_rollbacks", "machine",
     # a generation task's measures (ROUGE-L F1 in [0, 1], perplexities per token)
     "slm_rouge_l", "slm_served_rouge_l", "slm_local_rouge_l", "slm_start_rouge_l", "slm_target_ppl", "llm_rouge_l",
@@ -59,6 +59,7 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
         "server_seconds": sum(e.get("seconds", 0.0) for e in updates),
         "wall_seconds": by["run_end"][-1].get("wall", float("nan")) if by["run_end"] else float("nan"),
         "refused_replies": sum(1 for e in by["enhanced"] if e.get("adopted") == 0),  # the guards' work
+        "replies_min": _fewest_replies(by),
         "no_signal_updates": sum(1 for e in updates if e.get("signal") is False),
         "llm_rollbacks": sum(1 for e in updates if e.get("rolled_back")),
         "machine": describe_machine(m) if (m := (by["run_start"] or [{}])[0].get("machine")) else "",
@@ -71,6 +72,14 @@ def cell_row(run_dir: Path, judge: Any = None) -> dict[str, Any]:
     else:
         row.update(_classification_measures(by, syn, judge))
     return row
+
+
+def _fewest_replies(by: dict[str, list[dict]]) -> int:
+    """Server replies to the least-served client (adopted or refused): 0 means the schedule never let the
+    method reach some client, whose final SLM is the same under every method."""
+    clients = {e["client"] for e in by["client_trained"]}
+    replies = [sum(1 for e in by["enhanced"] if e.get("client") == c) for c in clients]
+    return min(replies, default=0)
 
 
 def _slm_measures(by: dict[str, list[dict]], metric: str, name: str) -> dict[str, Any]:
@@ -335,6 +344,7 @@ TABLES = [
         100.0,
     ),
     ("Synthetic distinct-2, last update", "distinct2_last", 1.0),
+    ("Server replies to the least-served client", "replies_min", 1.0),
     ("Upload per client (MiB)", "upload_mib_per_client", 1.0),
     ("Client compute (s, all clients)", "client_seconds", 1.0),
     ("Server compute (s)", "server_seconds", 1.0),
@@ -380,6 +390,7 @@ GENERATION_TABLES = [
         100.0,
     ),
     ("Synthetic distinct-2 of the targets, last update", "distinct2_last", 1.0),
+    ("Server replies to the least-served client", "replies_min", 1.0),
     ("Upload per client (MiB)", "upload_mib_per_client", 1.0),
     ("Client compute (s, all clients)", "client_seconds", 1.0),
     ("Server compute (s)", "server_seconds", 1.0),
@@ -602,6 +613,10 @@ def targets_section(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
     )
     p = avg("crosslm", "ppl_change_pct")
     checks.append(("Perplexity rises by ≤ 1 % (measured: % change)", p, 1.0, p - 1.0, p <= 1))
+    served = [r["replies_min"] for r in rows if r["method"] == "crosslm" and _is_number(r.get("replies_min"))]
+    fewest = float(min(served)) if served else float("nan")
+    checks.append(("Every client served at least twice (fewest replies to a client, any CrossLM cell)",
+                   fewest, 2.0, fewest - 2.0, fewest >= 2))  # fmt: skip
     return _targets_table(checks)
 
 
