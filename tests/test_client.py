@@ -193,3 +193,51 @@ def test_with_a_confidence_only_a_sure_drop_refuses_a_reply(monkeypatch) -> None
     assert refused["adopted"] == 0 and refused["worse_share"] > 0.9
     adopted = c.receive_enhanced(_reply(c, good, update=2))
     assert adopted["adopted"] == 1 and adopted["worse_share"] == 0.0
+
+
+def _flipped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights with the classifier reversed: every text gets the other label."""
+    out = {k: v.clone() for k, v in state.items()}
+    out["classifier.weight"], out["classifier.bias"] = -out["classifier.weight"], -out["classifier.bias"]
+    return out
+
+
+def test_the_final_round_adapts_an_adopted_reply_to_the_clients_data(monkeypatch) -> None:
+    from crosslm.protocol.reports import validate_report
+
+    c = _client(monkeypatch, validation_fraction=0.0, final_round=True)
+    c.local_round()
+    c.receive_enhanced(_reply(c, _flipped(c.model.state_dict()), update=1))
+    arrived = c.metrics["local"]["accuracy"]
+    assert arrived < 0.5  # the reply as it arrived is wrong on the client's texts
+    end = c.finish()
+    assert end["final_epochs"] == c.cfg.epochs and end["local"]["accuracy"] > arrived
+    assert end["round"] == 1  # the final round is not uploaded: no new version
+    assert validate_report(end, client_id="client-0", expected_event="client_eval")["final_epochs"] == 8
+    again = c.finish()  # nothing changed since: no second final round
+    assert again["final_epochs"] == 0 and again["local"] == end["local"]
+
+
+def test_without_the_final_round_a_client_ends_with_the_reply_as_it_arrived(monkeypatch) -> None:
+    c = _client(monkeypatch, validation_fraction=0.0, final_round=False)
+    c.local_round()
+    reply = _flipped(c.model.state_dict())
+    c.receive_enhanced(_reply(c, reply, update=1))
+    end = c.finish()
+    assert end["final_epochs"] == 0 and _same(c.model.state_dict(), reply)
+
+
+def test_a_refused_reply_or_no_reply_leaves_nothing_to_adapt(monkeypatch, tmp_path) -> None:
+    c = _client(monkeypatch, final_round=True)
+    c.local_round()
+    own = {k: v.clone() for k, v in c.model.state_dict().items()}
+    assert c.receive_enhanced(_reply(c, _one_label(own), update=1))["adopted"] == 0
+    assert c.finish()["final_epochs"] == 0 and _same(c.model.state_dict(), own)
+
+    d = _client(monkeypatch, validation_fraction=0.0, final_round=True)
+    d.local_round()
+    d.receive_enhanced(_reply(d, _flipped(d.model.state_dict()), update=1))
+    d.save(tmp_path / "d")  # a Flower node restores its client between the reply and the end
+    e = _client(monkeypatch, validation_fraction=0.0, final_round=True)
+    assert e.restore(tmp_path / "d") and e.changed_since_round
+    assert e.finish()["final_epochs"] == 8

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import crosslm_cli, run_events
 
@@ -26,8 +27,9 @@ _crosslm, _events = crosslm_cli, run_events
 def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     res = _crosslm(
-        "run", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set", "name=tiny", timeout=900
-    )
+        "run", "configs/tiny.yaml", "--set", f"output_dir={out}", "--set", "name=tiny",
+        "--set", "clients.final_round=true", timeout=900,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "standalone" in res.stdout  # the summary table
     return out / "tiny"
@@ -61,6 +63,23 @@ def test_run_directory_is_complete(tiny_run):
             assert 0.0 <= e["global"]["accuracy"] <= 1.0 and "macro_f1" in e["local"]
     report = (tiny_run / "report.md").read_text()
     assert "standalone" in report.lower() and "perplexity" in report.lower()
+
+
+def test_a_client_whose_last_reply_changed_it_ends_with_a_final_local_round(tiny_run):
+    ev = _events(tiny_run)
+    last: dict[str, dict] = {}
+    for e in ev:
+        if e["event"] in ("client_trained", "enhanced"):
+            last[e["client"]] = e
+    ends = {e["client"]: e for e in ev if e["event"] == "client_eval"}
+    assert set(ends) == set(last)
+    epochs = yaml.safe_load((tiny_run / "config.yaml").read_text())["clients"]["epochs"]
+    for cid, e in last.items():
+        adapted = e["event"] == "enhanced" and e["adopted"] == 1
+        assert ends[cid]["final_epochs"] == (epochs if adapted else 0), cid
+        if not adapted:  # nothing changed after its last local round: it ends with that model as measured
+            assert ends[cid]["global"] == (e["after"] if e["event"] == "enhanced" else e)["global"]
+    assert any(e["final_epochs"] for e in ends.values())
 
 
 def test_asynchrony_shows_interleaving_and_staleness(tiny_run):

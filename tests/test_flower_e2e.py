@@ -39,7 +39,8 @@ def flower_run(tmp_path_factory) -> Path:
     res = subprocess.run(
         [sys.executable, "-m", "crosslm.cli", "flower", "local", "configs/tiny.yaml",
          "--set", f"output_dir={out}", "--set", "name=fl", "--set", "flower.node_delays=[0,45]",
-         "--set", "flower.audit_outbox=true", "--set", "federation.updates=3"],
+         "--set", "flower.audit_outbox=true", "--set", "federation.updates=3",
+         "--set", "clients.final_round=true"],
         capture_output=True, text=True, cwd=ROOT, timeout=1200,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -57,7 +58,13 @@ def test_loopback_deployment_writes_the_run_directory(flower_run):
     assert kinds[0] == "run_start" and ev[0]["runtime"] == "flower"
     assert kinds[-1] == "run_end" and ev[-1]["reason"] == "completed"
     assert kinds.count("server_update") == 3
-    assert {e["client"] for e in ev if e["event"] == "client_eval"} == {"client-0", "client-1"}
+    finals = {e["client"]: e for e in ev if e["event"] == "client_eval"}
+    assert set(finals) == {"client-0", "client-1"}
+    assert all(e["final_epochs"] in (0, 2) for e in finals.values())  # tiny.yaml: 2 local epochs
+    enhanced = [e for e in ev if e["event"] == "enhanced"]
+    last = [e for e in enhanced if e["update"] == max(x["update"] for x in enhanced) and e["adopted"] == 1]
+    if last:  # the node that adopted the last update's reply adapted it in a final local round
+        assert any(finals[e["client"]]["final_epochs"] == 2 for e in last)
     from transformers import AutoModelForSequenceClassification
 
     m = AutoModelForSequenceClassification.from_pretrained(flower_run / "clients" / "client-1")

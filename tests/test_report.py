@@ -182,6 +182,22 @@ def test_summary_table(tmp_path: Path) -> None:
     assert "completed" in text
 
 
+def test_final_is_what_the_client_ends_with_after_its_final_round(tmp_path: Path) -> None:
+    events = _events()
+    end = events.index(next(e for e in events if e["event"] == "run_end"))
+    events.insert(end, {"event": "client_eval", "t": 188, "wall": 198.0, "client": "client-0", "round": 2,
+                        "base_version": 2, "final_epochs": 5, **_m(0.9, 0.7)})  # fmt: skip
+    c0 = next(line for line in summary_table(events).splitlines() if line.strip().startswith("client-0"))
+    assert c0.split()[2:] == ["55.0", "70.0", "+15.0"]  # not the last reply's 62.0
+    c1 = next(line for line in summary_table(events).splitlines() if line.strip().startswith("client-1"))
+    assert c1.split()[2:] == ["60.0", "66.0", "+6.0"]  # no client_eval logged: its last reply
+    slms = _section(
+        write_report(tmp_path, events, CONFIG).read_text(encoding="utf-8"),
+        "Client SLMs: standalone vs. final",
+    )
+    assert _row(slms, "client-0")[-1] == "+15.0"
+
+
 def test_the_first_update_shows_whether_the_loop_has_signal(tmp_path: Path) -> None:
     events = _events()
     first = next(e for e in events if e["event"] == "server_update" and e["update"] == 1)

@@ -164,6 +164,14 @@ class ClientConfig:
         "held-out texts of a label-skewed client do not refuse a reply by chance (c in [0.5, 1)). "
         "0 = compare the two macro-F1 values as measured (the point rule).",
     )
+    final_round: bool = option(
+        False,
+        "After the run's last server update, a client whose weights changed since its last local round (an "
+        "adopted reply, or the standalone baseline's extra epochs) trains one more local round (clients.epochs "
+        "on its private data, not uploaded) and ends the run with it: what the reply taught, adapted to the "
+        "client's own data. false = a client ends with the reply as it arrived. It moves global accuracy "
+        "by task: up on six-label trec, down on two-label rotten-tomatoes (docs/results.md#levers-tried).",
+    )
     keep_weight: float = option(
         0.0,
         "Keeping what a reply gave (learning without forgetting): after a client adopts an enhanced SLM, its "

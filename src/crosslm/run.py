@@ -47,9 +47,9 @@ def run(cfg: RunConfig) -> Path:
         InProcessRuntime(
             clients, server, cfg.clients, cfg.federation, log=log, clock=log.set_clock, seed=cfg.seed
         ).run()
-        for c in clients:  # what each client ends the run with (its current weights)
-            log({"event": "client_eval", "client": c.client_id, "round": c.round,
-                 "base_version": c.base_version, **(c.metrics or c.evaluate())})  # fmt: skip
+        for c in clients:  # what each client ends the run with (after its final local round, if any)
+            interrupts.check()
+            log(c.finish())
         session.measure_end()
         interrupts.check()
         completed = True
@@ -71,7 +71,8 @@ def run(cfg: RunConfig) -> Path:
 def run_centralized(cfg: RunConfig) -> Path:
     """The upper bound no federated method may have: one SLM (the first of clients.slms) trained on the
     union of every client's training data, for as many epochs as one client's local rounds under the
-    configured schedule would give it (U / K + 1 rounds of E epochs), evaluated on the global test split."""
+    configured schedule would give it (U * B / K + 1 rounds of E epochs: the first round and one after each
+    reply), evaluated on the global test split."""
     from crosslm.precision import machine_info
 
     run_dir = make_run_dir(cfg)
@@ -85,7 +86,8 @@ def run_centralized(cfg: RunConfig) -> Path:
              "task_kind": task.kind, "runtime": "centralized", "machine": machine_info(),
              "clients": [{"client": "centralized", "slm": slm, "train_size": len(union),
                           "label_counts": union.label_counts(task.num_labels)}]})  # fmt: skip
-        epochs = (cfg.federation.updates // cfg.data.num_clients + 1) * cfg.clients.epochs
+        fed = cfg.federation
+        epochs = (fed.updates * fed.buffer_size // cfg.data.num_clients + 1) * cfg.clients.epochs
         t0 = time.perf_counter()
         train = train_centralized_writer if task.kind == "generation" else train_centralized_classifier
         loss, metrics = train(cfg, task, slm, union, split.global_test, epochs)

@@ -22,6 +22,7 @@ _PASSES = {
     "client": (101, 0),  # a client's seed: run seed, client index
     "local_round": (1000, 0),  # a client's local training: client seed, round
     "extra_epochs": (1000, 500),  # standalone's matched extra epochs: client seed, round
+    "final_round": (1000, 300),  # the local round after the run's last update: client seed, round
     "generate": (100_003, 0),  # the LLM's sampling: run seed, update
     "tune_llm": (7919, 0),  # the adapter's batches: run seed, update
     "distil": (31, 0),  # distillation into the SLMs: run seed, update

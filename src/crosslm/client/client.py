@@ -151,6 +151,9 @@ class ClientBase(Generic[D]):
         self.metrics: dict[str, dict[str, float]] = {}  # of the current weights (unchanged since upload)
         self.keep_targets: torch.Tensor | None = None
         """[N, C] the last adopted model's predictions on the training texts (clients.keep_weight)."""
+        self.changed_since_round = False
+        """The weights changed after the last local round (an adopted reply, extra epochs): what
+        clients.final_round adapts to the client's own data before the run ends."""
 
     # -- what a task kind supplies ---------------------------------------------------------------------
     def _load_model(self) -> tuple[Any, Any]:
@@ -198,6 +201,7 @@ class ClientBase(Generic[D]):
     def local_round(self) -> tuple[WireMessage, dict[str, Any]]:
         """Train E epochs on private data from the current weights, evaluate, and build the upload."""
         self.round += 1
+        self.changed_since_round = False
         t0 = time.perf_counter()
         loss = self._train_private(
             self.cfg.epochs,
@@ -275,6 +279,7 @@ class ClientBase(Generic[D]):
                 f"{self.client_id} extra local epochs",
             )
         changed = adopted or self.cfg.extra_local_epochs > 0  # else the own weights are back, as measured
+        self.changed_since_round = self.changed_since_round or changed
         after = self.metrics = self.evaluate() if changed else before
         return {
             "event": "enhanced",
@@ -285,6 +290,27 @@ class ClientBase(Generic[D]):
             "before": before,
             **({"offered": offered} if offered else {}),
             "after": after,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """End the run: with clients.final_round, a client whose weights changed since its last local round
+        trains one more (not uploaded), so it keeps what its last reply taught adapted to its own data (a
+        reply distilled on synthetic texts alone lowers a client its private data had lifted); then the
+        `client_eval` report of the weights it ends with (`final_epochs`: the epochs that last round took)."""
+        epochs = self.cfg.epochs if self.cfg.final_round and self.changed_since_round else 0
+        if epochs:
+            self._train_private(
+                epochs, pass_seed(self.seed, "final_round", self.round), f"{self.client_id} final local round"
+            )
+            self.changed_since_round = False
+            self.metrics = self.evaluate()
+        return {
+            "event": "client_eval",
+            "client": self.client_id,
+            "round": self.round,
+            "base_version": self.base_version,
+            "final_epochs": epochs,
+            **(self.metrics or self.evaluate()),
         }
 
     def save(self, path: Path) -> None:
@@ -302,6 +328,7 @@ class ClientBase(Generic[D]):
                 "round": self.round,
                 "base_version": self.base_version,
                 "metrics": self.metrics,
+                "changed_since_round": self.changed_since_round,
             }
             atomic_write_json(tmp / STATE_FILE, state)
             if self.keep_targets is not None:
@@ -332,6 +359,7 @@ class ClientBase(Generic[D]):
         self.round = int(state["round"])
         self.base_version = int(state["base_version"])
         self.metrics = state.get("metrics") or {}
+        self.changed_since_round = bool(state.get("changed_since_round", False))
         keep = path / KEEP_FILE
         self.keep_targets = load_file(str(keep))["keep_targets"] if keep.is_file() else None
         if self.keep_targets is not None and self.keep_targets.shape != (

@@ -226,6 +226,7 @@ class _Run:
     perplexity: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     enhanced: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     clients: list[str] = field(default_factory=list)
@@ -262,12 +263,17 @@ class _Run:
         return next((e for e in self.trained if e.get("client") == client and e.get("round") == 1), None)
 
     def final(self, client: str) -> dict[str, Any] | None:
-        """The 'after' metrics of the client's last enhancement, i.e. what the run ended with."""
-        last = None
-        for e in self.enhanced:
-            if e.get("client") == client and isinstance(e.get("after"), dict):
-                last = e
-        return last
+        """The metrics of the SLM the client ended the run with: its `client_eval` (taken after its final
+        local round, clients.final_round), else the 'after' of its last enhancement (a log cut short)."""
+        ended = [e for e in self.evals if e.get("client") == client]
+        if ended:
+            return {k: v for k, v in ended[-1].items() if isinstance(v, dict)}
+        last = [
+            e["after"]
+            for e in self.enhanced
+            if e.get("client") == client and isinstance(e.get("after"), dict)
+        ]
+        return last[-1] if last else None
 
     def llm_zero_shot(self) -> dict[str, Any] | None:
         return next((e for e in self.llm_evals if e.get("update") == 0), None)
@@ -293,6 +299,7 @@ def _digest(events: list[dict[str, Any]]) -> _Run:
         "perplexity": run.perplexity,
         "server_update": run.updates,
         "enhanced": run.enhanced,
+        "client_eval": run.evals,
     }
     for e in events:
         if not isinstance(e, dict):
@@ -474,7 +481,7 @@ def _slm_section(run: _Run) -> str:
     for c in run.clients:
         info = run.client_info[c]
         base = run.standalone(c) or {}
-        fin = (run.final(c) or {}).get("after") or {}
+        fin = run.final(c) or {}
         vals = [
             _get(d, split, key)
             for d in (base, fin)
@@ -500,8 +507,8 @@ def _slm_section(run: _Run) -> str:
     )
     notes = (
         f"{m.slm_note} *local* = the client's own test split, *global* = the shared "
-        "test set. *Standalone* = round 1 (local training only); *final* = after the client's last "
-        "enhancement (n/a if it was never enhanced). Means are over the clients that have a value; "
+        "test set. *Standalone* = round 1 (local training only); *final* = the SLM the client ends the "
+        "run with (after its final local round when its last reply changed it, clients.final_round). Means are over the clients that have a value; "
         "the mean Δ only over clients with both."
     )
     return _md_table(headers, rows, "lllr" + "r" * 9) + "\n\n" + notes
@@ -876,7 +883,7 @@ def summary_table(events: list[dict]) -> str:
     fin_all: list[float | None] = []
     for c in run.clients:
         b = _get(run.standalone(c), "global", m.primary)
-        f = _get((run.final(c) or {}).get("after"), "global", m.primary)
+        f = _get(run.final(c), "global", m.primary)
         base_all.append(_num(b))
         fin_all.append(_num(f))
         rows.append([c, str(run.client_info[c].get("slm", NA)), _pct(b), _pct(f), _pp(b, f)])

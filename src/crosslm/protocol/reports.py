@@ -20,7 +20,7 @@ SPLITS = frozenset({"local", "global", "validation"})
 REPORT_FIELDS: dict[str, frozenset[str]] = {
     "client_trained": frozenset({"round", "base_version", "train_loss", "seconds"}),
     "enhanced": frozenset({"update", "adopted", "worse_share"}),
-    "client_eval": frozenset({"round", "base_version"}),
+    "client_eval": frozenset({"round", "base_version", "final_epochs"}),
 }
 NESTED = {"client_trained": None, "enhanced": ("before", "offered", "after"), "client_eval": None}
 MAX_REPORT_BYTES = 4096

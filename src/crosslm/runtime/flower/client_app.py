@@ -233,14 +233,10 @@ def enhanced(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the current SLM on the client's own test split (and the global one in a simulation)."""
+    """End the run on this node: the final local round (clients.final_round), then the SLM it ends with,
+    evaluated on the client's own test split (and the global one in a simulation)."""
     unpack_request(msg.content)
     client, s = load_client(context)
-    report = {
-        "event": "client_eval",
-        "client": client.client_id,
-        "round": client.round,
-        "base_version": client.base_version,
-        **client.evaluate(),
-    }
+    report = client.finish()
+    client.save(s.work_dir / "model")
     return _reply(msg, s, "evaluate", pack(report=report))
