@@ -508,8 +508,8 @@ def _slm_section(run: _Run) -> str:
     notes = (
         f"{m.slm_note} *local* = the client's own test split, *global* = the shared "
         "test set. *Standalone* = round 1 (local training only); *final* = the SLM the client ends the "
-        "run with (after its final local round when its last reply changed it, clients.final_round). Means are over the clients that have a value; "
-        "the mean Δ only over clients with both."
+        "run with (after its final local round when its last reply changed it, clients.final_round). "
+        "Means are over the clients that have a value; the mean Δ only over clients with both."
     )
     return _md_table(headers, rows, "lllr" + "r" * 9) + "\n\n" + notes
 

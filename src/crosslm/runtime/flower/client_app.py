@@ -238,5 +238,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     unpack_request(msg.content)
     client, s = load_client(context)
     report = client.finish()
-    client.save(s.work_dir / "model")
+    if report["final_epochs"]:  # the weights changed: the saved client is the one evaluated
+        client.save(s.work_dir / "model")
     return _reply(msg, s, "evaluate", pack(report=report))
