@@ -53,6 +53,22 @@ def test_tau_is_a_number_or_auto_resolved_from_the_label_count():
         load_config(None, ["feedback.tau=1.5"])
 
 
+def test_s_plus_floor_is_a_count_or_auto_resolved_from_the_label_count():
+    fb = load_config(None, []).feedback
+    assert fb.min_per_label == "auto"
+    assert fb.floor(2, 24) == 0  # two labels: no floor
+    assert fb.floor(5, 24) == 24 and fb.floor(6, 10) == 10  # more: one update's samples per label
+    fixed = load_config(None, ["feedback.min_per_label=7"]).feedback
+    assert fixed.min_per_label == 7 and fixed.floor(2, 24) == 7 and fixed.floor(6, 24) == 7
+    assert load_config(None, ["feedback.min_per_label=0"]).feedback.floor(6, 24) == 0
+    with pytest.raises(ConfigError, match=r"feedback\.min_per_label.*0 or more, or auto"):
+        load_config(None, ["feedback.min_per_label=many"])
+    with pytest.raises(ConfigError, match=r"feedback\.min_per_label"):
+        load_config(None, ["feedback.min_per_label=-1"])
+    with pytest.raises(ConfigError, match=r"feedback\.min_per_label"):
+        load_config(None, ["feedback.min_per_label=2.5"])
+
+
 def test_range_checks():
     with pytest.raises(ConfigError, match=r"feedback\.gamma"):
         load_config(None, ["feedback.gamma=0"])

@@ -168,16 +168,33 @@ def test_one_task_override_can_be_set_from_the_command_line(tmp_path):
         load_experiment(str(path), ["task_overrides.trec.feedback.min_per_labl=7"])
 
 
-def test_the_shipped_grids_share_the_per_task_settings_chosen_on_validation():
-    """A setting chosen on validation.yaml is what small.yaml and full.yaml must run on the test split."""
+def test_the_shipped_grids_run_what_crosslm_run_gives_a_user(tmp_path):
+    """One set of defaults for every task: a grid's cell is `crosslm run configs/default.yaml` on that
+    dataset, apart from the evaluation's split and budget (and where the cell is written)."""
+    from dataclasses import asdict
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-    grids = {n: load_experiment(str(root / f"{n}.yaml"), []) for n in ("validation", "small", "full")}
-    chosen = grids["validation"].task_overrides
-    assert chosen["trec"]["tune.steps"] == 24 and "tune.steps" not in chosen.get("rotten-tomatoes", {})
-    for name in ("small", "full"):
-        assert grids[name].task_overrides == chosen, name
+    from crosslm.config import load_config
+    from crosslm.experiment.grid import cell_config
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("validation", "small", "full"):
+        exp = load_experiment(str(root / "configs" / "experiments" / f"{name}.yaml"), [])
+        assert not exp.task_overrides, name
+        for task in exp.tasks:
+            cell = flat(asdict(cell_config(exp, task, "crosslm", 0, tmp_path)))
+            user = flat(asdict(load_config(str(root / "configs" / "default.yaml"), [f"data.dataset={task}"])))
+            differ = {k for k in cell if cell[k] != user[k]}
+            assert differ <= {"name", "output_dir"} | {k for k in cell if k.startswith("eval.")}, (
+                name,
+                differ,
+            )
 
 
 def test_a_reused_cell_whose_config_changed_is_named_with_its_keys(tmp_path):

@@ -79,7 +79,11 @@ class DataConfig:
         100, "Private test examples per client (same label mix as its training data)."
     )
     global_test_size: int = option(500, "Size of the global test split, kept apart from every client.")
-    max_chars: int = option(600, "Texts are cut to this many characters (long news articles).")
+    max_chars: int = option(
+        300,
+        "Texts are cut to this many characters: long news articles would dominate the SLM and LLM passes "
+        "(the catalogue's review and question texts are all shorter).",
+    )
     input_column: str = option(
         "input", "Generation datasets: the input column (e.g. an article's lead), for HF ids and local files."
     )
@@ -243,12 +247,13 @@ class FeedbackConfig:
         "value the validation sweeps in docs/results.md chose on each task.",
     )
     max_per_label: int = option(200, "Cap on S+ examples per label (S+ is class-balanced).")
-    min_per_label: int = option(
-        0,
+    min_per_label: int | str = option(
+        "auto",
         "Floor on S+ examples per label: when the balanced count m is smaller (few samples qualify), every "
-        "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off; "
-        "24, one update's samples per label, for the experiment configs' bbc-news and trec; off for two-label "
-        "rotten-tomatoes, where it fills S+ with texts the SLMs read as the other label; chosen on validation).",
+        "label in S+ is topped up to this many with its next-highest-q samples, even below tau (0 = off). "
+        "auto = generation.samples_per_label (one update's samples of a label) when the task has more than "
+        "two labels, 0 for two: with two labels the floor fills S+ with texts the SLMs read as the other "
+        "label (docs/results.md#levers-tried).",
     )
     missing_labels: str = option(
         "fill",
@@ -287,6 +292,13 @@ class FeedbackConfig:
     def threshold(self, num_labels: int) -> float:
         """tau as a number: 'auto' resolves to TAU_AUTO_FACTOR / num_labels once the task's labels are known."""
         return min(TAU_AUTO_FACTOR / num_labels, 1.0) if self.tau == "auto" else float(self.tau)
+
+    def floor(self, num_labels: int, samples_per_label: int) -> int:
+        """min_per_label as a number: 'auto' resolves to one update's samples per label on a task of more
+        than two labels and to 0 (no floor) on a two-label task."""
+        if self.min_per_label == "auto":
+            return samples_per_label if num_labels > 2 else 0
+        return int(self.min_per_label)
 
 
 @dataclass
@@ -536,6 +548,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str) and not _is_float(value):
             return value
         return _coerce(value, float, key)
+    if typ == int | str:  # a count or a keyword (feedback.min_per_label: auto)
+        if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+            return value
+        return _coerce(value, int, key)
     if isinstance(typ, types.UnionType):
         return value
     return value
@@ -695,7 +711,11 @@ def validate(cfg: RunConfig) -> None:
     need(
         fb.missing_labels in MISSING_LABEL_RULES, "feedback.missing_labels", " or ".join(MISSING_LABEL_RULES)
     )
-    need(fb.min_per_label >= 0, "feedback.min_per_label", "0 or more")
+    need(
+        fb.min_per_label == "auto" or (isinstance(fb.min_per_label, int) and fb.min_per_label >= 0),
+        "feedback.min_per_label",
+        "0 or more, or auto",
+    )
     need(
         fb.prior_correction in ("pool", "counts", "none"), "feedback.prior_correction", "pool, counts or none"
     )

@@ -198,7 +198,8 @@ def select(server: CrossLMServer, weights: dict[str, Any]) -> Selection:
     keep_last_scores(server, fb, labels)
     qualifying = candidates(labels, fb, num_labels=num_labels, tau=tau)
     good = select_good(labels, fb, num_labels=num_labels, tau=tau, max_per_label=cfg.feedback.max_per_label,
-                       missing_labels=cfg.feedback.missing_labels, min_per_label=cfg.feedback.min_per_label,
+                       missing_labels=cfg.feedback.missing_labels,
+                       min_per_label=cfg.feedback.floor(num_labels, cfg.generation.samples_per_label),
                        qualifying=qualifying)  # fmt: skip
     return Selection(fb, good, [c for c, p in enumerate(qualifying) if not p])
 
