@@ -544,14 +544,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}.")
         return value
-    if typ == float | str:  # a number or a keyword (feedback.tau: auto)
+    if typ in (float | str, int | str):  # a number or a keyword (feedback.tau: auto, min_per_label: auto)
         if isinstance(value, str) and not _is_float(value):
             return value
-        return _coerce(value, float, key)
-    if typ == int | str:  # a count or a keyword (feedback.min_per_label: auto)
-        if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
-            return value
-        return _coerce(value, int, key)
+        return _coerce(value, float if typ == float | str else int, key)
     if isinstance(typ, types.UnionType):
         return value
     return value
